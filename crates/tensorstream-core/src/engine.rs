@@ -1,0 +1,537 @@
+//! The request engine: a pool of I/O workers that read units into caller buffers.
+//!
+//! A request ([`Engine::submit`]) is split into chunks (8 MiB by default) that the workers
+//! read in parallel. Demand requests always go ahead of prefetches, and a prefetch that
+//! somebody starts waiting for is promoted to demand. Each chunk of a checksummed unit is
+//! hashed by the worker that read it, so verification is parallel too. Errors belong to
+//! their own ticket: a failed read fails that request, and the engine keeps serving others.
+
+use crate::error::{Error, Result};
+use crate::io::ReadBackend;
+use crate::store::{
+    align_up, chunked_checksum_combine, ExpectedChecksum, UnitLayout, CHECKSUM_CHUNK,
+};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Who is waiting for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Compute is (or soon will be) blocked on it.
+    Demand,
+    /// Read ahead of need; may be cancelled.
+    Prefetch,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Number of I/O worker threads.
+    pub num_threads: usize,
+    /// Requests are split into chunks of this many bytes (a multiple of 4 MiB).
+    pub chunk_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            num_threads: 4,
+            chunk_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Counters of the engine's work, all monotonic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Bytes read from files.
+    pub bytes_read: u64,
+    /// Requests submitted.
+    pub requests: u64,
+    /// Of those, submitted as demand.
+    pub demand_requests: u64,
+    /// Of those, submitted as prefetch.
+    pub prefetch_requests: u64,
+    /// Prefetches promoted to demand because somebody waited for them.
+    pub promoted: u64,
+    /// Requests cancelled.
+    pub cancelled: u64,
+    /// Requests that failed (I/O or checksum).
+    pub failed: u64,
+    /// Chunks read.
+    pub chunks: u64,
+    /// Nanoseconds workers spent reading, summed over workers.
+    pub busy_ns: u64,
+    /// Nanoseconds callers spent blocked in [`Engine::wait`].
+    pub stall_ns: u64,
+    /// Counters of the backend's fallbacks.
+    pub backend: crate::io::BackendStats,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_read: AtomicU64,
+    requests: AtomicU64,
+    demand_requests: AtomicU64,
+    prefetch_requests: AtomicU64,
+    promoted: AtomicU64,
+    cancelled: AtomicU64,
+    failed: AtomicU64,
+    chunks: AtomicU64,
+    busy_ns: AtomicU64,
+    stall_ns: AtomicU64,
+}
+
+struct Job {
+    ticket: Arc<TicketInner>,
+    file: Arc<PathBuf>,
+    file_offset: u64,
+    len: u64,
+    dest_offset: u64,
+}
+
+#[derive(Default)]
+struct Queues {
+    demand: VecDeque<Job>,
+    prefetch: VecDeque<Job>,
+    shutdown: bool,
+}
+
+struct Shared {
+    backend: Arc<dyn ReadBackend>,
+    queues: Mutex<Queues>,
+    work: Condvar,
+    counters: Counters,
+}
+
+struct TicketState {
+    remaining: usize,
+    error: Option<Error>,
+    digests: Vec<u64>,
+    finished: bool,
+}
+
+struct TicketInner {
+    unit: String,
+    dest: usize,
+    expected: Option<ExpectedChecksum>,
+    source: (PathBuf, u64),
+    abort: AtomicBool,
+    state: Mutex<TicketState>,
+    done: Condvar,
+}
+
+/// A submitted request. Wait for it with [`Engine::wait`] or cancel it with [`Engine::cancel`].
+#[derive(Clone)]
+pub struct Ticket(Arc<TicketInner>);
+
+impl Ticket {
+    /// The unit this request reads.
+    pub fn unit(&self) -> &str {
+        &self.0.unit
+    }
+
+    /// True once every chunk has completed, successfully or not.
+    pub fn is_finished(&self) -> bool {
+        self.0.state.lock().expect("ticket poisoned").finished
+    }
+}
+
+/// A pool of I/O workers serving read requests.
+pub struct Engine {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    chunk_bytes: u64,
+}
+
+impl Engine {
+    /// Start `config.num_threads` workers reading through `backend`.
+    pub fn new(backend: Arc<dyn ReadBackend>, config: EngineConfig) -> Result<Self> {
+        if config.num_threads == 0 || config.num_threads > 256 {
+            return Err(Error::InvalidArgument(format!(
+                "num_threads must be 1 to 256, got {}",
+                config.num_threads
+            )));
+        }
+        if config.chunk_bytes == 0 || config.chunk_bytes % CHECKSUM_CHUNK != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "chunk_bytes must be a nonzero multiple of {CHECKSUM_CHUNK}, got {}",
+                config.chunk_bytes
+            )));
+        }
+        let shared = Arc::new(Shared {
+            backend,
+            queues: Mutex::new(Queues::default()),
+            work: Condvar::new(),
+            counters: Counters::default(),
+        });
+        let workers = (0..config.num_threads)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("tensorstream-io-{i}"))
+                    .spawn(move || worker(s))
+                    .map_err(|e| Error::io("<thread>", "spawn", 0, 0, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Engine {
+            shared,
+            workers,
+            chunk_bytes: config.chunk_bytes,
+        })
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> String {
+        self.shared.backend.name()
+    }
+
+    /// The backend, for direct use (tests, diagnostics).
+    pub fn backend(&self) -> &Arc<dyn ReadBackend> {
+        &self.shared.backend
+    }
+
+    /// Submit a read of `layout` into `dest`.
+    ///
+    /// # Safety
+    /// `dest` must be valid for writes of `dest_len` bytes, and must not be read or written by
+    /// anybody else, until [`wait`](Self::wait) has returned for this ticket, or until
+    /// [`is_finished`](Ticket::is_finished) is true, or until the engine is dropped. For
+    /// O_DIRECT to apply, `dest` should be 4096-aligned.
+    pub unsafe fn submit(
+        &self,
+        layout: &UnitLayout,
+        dest: *mut u8,
+        dest_len: usize,
+        priority: Priority,
+    ) -> Result<Ticket> {
+        if (dest_len as u64) < layout.buffer_len {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' needs a {}-byte buffer, got {dest_len}",
+                layout.name, layout.buffer_len
+            )));
+        }
+        for e in &layout.extents {
+            if e.file >= layout.files.len() || e.dest_offset + e.len > layout.buffer_len {
+                return Err(Error::InvalidArgument(format!(
+                    "unit '{}' has an extent outside its buffer or files",
+                    layout.name
+                )));
+            }
+        }
+        if let Some(c) = layout.checksum {
+            let single = layout.extents.len() == 1
+                && layout.extents[0].dest_offset == 0
+                && layout.extents[0].len >= c.covered;
+            if !single {
+                return Err(Error::InvalidArgument(format!(
+                    "unit '{}': a checksum needs one extent at offset 0",
+                    layout.name
+                )));
+            }
+        }
+        let files: Vec<Arc<PathBuf>> = layout.files.iter().map(|p| Arc::new(p.clone())).collect();
+        let mut jobs_spec = Vec::new();
+        for e in &layout.extents {
+            // Split on chunk boundaries of the destination, so checksum chunks never straddle jobs.
+            let mut off = 0;
+            while off < e.len {
+                let dest_offset = e.dest_offset + off;
+                let boundary = align_up(dest_offset + 1, self.chunk_bytes);
+                let len = (boundary - dest_offset).min(e.len - off);
+                jobs_spec.push((files[e.file].clone(), e.file_offset + off, len, dest_offset));
+                off += len;
+            }
+        }
+        let n_digests = layout
+            .checksum
+            .map_or(0, |c| c.covered.div_ceil(CHECKSUM_CHUNK) as usize);
+        let source = layout.extents.first().map_or((PathBuf::new(), 0), |e| {
+            ((*files[e.file]).clone(), e.file_offset)
+        });
+        let inner = Arc::new(TicketInner {
+            unit: layout.name.clone(),
+            dest: dest as usize,
+            expected: layout.checksum,
+            source,
+            abort: AtomicBool::new(false),
+            state: Mutex::new(TicketState {
+                remaining: jobs_spec.len(),
+                error: None,
+                digests: vec![0; n_digests],
+                finished: false,
+            }),
+            done: Condvar::new(),
+        });
+        let c = &self.shared.counters;
+        c.requests.fetch_add(1, Ordering::Relaxed);
+        match priority {
+            Priority::Demand => c.demand_requests.fetch_add(1, Ordering::Relaxed),
+            Priority::Prefetch => c.prefetch_requests.fetch_add(1, Ordering::Relaxed),
+        };
+        if jobs_spec.is_empty() {
+            finish(
+                &self.shared,
+                &inner,
+                &mut inner.state.lock().expect("ticket poisoned"),
+            );
+            return Ok(Ticket(inner));
+        }
+        {
+            let mut q = self.shared.queues.lock().expect("queue poisoned");
+            if q.shutdown {
+                return Err(Error::InvalidArgument("engine is shut down".into()));
+            }
+            let target = match priority {
+                Priority::Demand => &mut q.demand,
+                Priority::Prefetch => &mut q.prefetch,
+            };
+            for (file, file_offset, len, dest_offset) in jobs_spec {
+                target.push_back(Job {
+                    ticket: inner.clone(),
+                    file,
+                    file_offset,
+                    len,
+                    dest_offset,
+                });
+            }
+        }
+        self.shared.work.notify_all();
+        Ok(Ticket(inner))
+    }
+
+    /// Block until `ticket` completes; returns its error, if any. Waiting on a queued
+    /// prefetch promotes it to demand. Waiting twice returns the same outcome.
+    pub fn wait(&self, ticket: &Ticket) -> Result<()> {
+        let t = &ticket.0;
+        {
+            let st = t.state.lock().expect("ticket poisoned");
+            if st.finished {
+                return outcome(&st);
+            }
+        }
+        self.promote(ticket);
+        let start = Instant::now();
+        let mut st = t.state.lock().expect("ticket poisoned");
+        while !st.finished {
+            st = t.done.wait(st).expect("ticket poisoned");
+        }
+        self.shared
+            .counters
+            .stall_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        outcome(&st)
+    }
+
+    fn promote(&self, ticket: &Ticket) {
+        let mut q = self.shared.queues.lock().expect("queue poisoned");
+        let before = q.prefetch.len();
+        let (mine, rest): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut q.prefetch)
+            .into_iter()
+            .partition(|j| Arc::ptr_eq(&j.ticket, &ticket.0));
+        q.prefetch = rest;
+        if q.prefetch.len() != before {
+            self.shared
+                .counters
+                .promoted
+                .fetch_add(1, Ordering::Relaxed);
+            q.demand.extend(mine);
+        }
+    }
+
+    /// Cancel a request. Queued chunks are dropped; chunks being read finish first. After
+    /// this returns, [`wait`](Self::wait) still must be called (or `is_finished` observed)
+    /// before the destination buffer is reused.
+    pub fn cancel(&self, ticket: &Ticket) {
+        let t = &ticket.0;
+        t.abort.store(true, Ordering::SeqCst);
+        let removed = {
+            let mut guard = self.shared.queues.lock().expect("queue poisoned");
+            let q = &mut *guard;
+            let mut removed = 0;
+            for queue in [&mut q.demand, &mut q.prefetch] {
+                let before = queue.len();
+                queue.retain(|j| !Arc::ptr_eq(&j.ticket, t));
+                removed += before - queue.len();
+            }
+            removed
+        };
+        let mut st = t.state.lock().expect("ticket poisoned");
+        if st.finished {
+            return;
+        }
+        if st.error.is_none() {
+            st.error = Some(Error::Cancelled {
+                unit: t.unit.clone(),
+            });
+        }
+        st.remaining -= removed;
+        if st.remaining == 0 {
+            finish(&self.shared, t, &mut st);
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            bytes_read: l(&c.bytes_read),
+            requests: l(&c.requests),
+            demand_requests: l(&c.demand_requests),
+            prefetch_requests: l(&c.prefetch_requests),
+            promoted: l(&c.promoted),
+            cancelled: l(&c.cancelled),
+            failed: l(&c.failed),
+            chunks: l(&c.chunks),
+            busy_ns: l(&c.busy_ns),
+            stall_ns: l(&c.stall_ns),
+            backend: self.shared.backend.stats(),
+        }
+    }
+}
+
+fn outcome(st: &TicketState) -> Result<()> {
+    match &st.error {
+        None => Ok(()),
+        Some(e) => Err(e.duplicate()),
+    }
+}
+
+/// Mark a ticket finished: verify the checksum, count, and wake waiters.
+fn finish(shared: &Shared, t: &TicketInner, st: &mut TicketState) {
+    if st.error.is_none() {
+        if let Some(exp) = t.expected {
+            let actual = chunked_checksum_combine(&st.digests);
+            if actual != exp.value {
+                st.error = Some(Error::Checksum {
+                    path: t.source.0.clone(),
+                    unit: t.unit.clone(),
+                    offset: t.source.1,
+                    len: exp.covered,
+                    expected: exp.value,
+                    actual,
+                });
+            }
+        }
+    }
+    let c = &shared.counters;
+    match &st.error {
+        Some(Error::Cancelled { .. }) => c.cancelled.fetch_add(1, Ordering::Relaxed),
+        Some(_) => c.failed.fetch_add(1, Ordering::Relaxed),
+        None => 0,
+    };
+    st.finished = true;
+    t.done.notify_all();
+}
+
+fn worker(shared: Arc<Shared>) {
+    loop {
+        let job = {
+            let mut q = shared.queues.lock().expect("queue poisoned");
+            loop {
+                if let Some(j) = q.demand.pop_front().or_else(|| q.prefetch.pop_front()) {
+                    break j;
+                }
+                if q.shutdown {
+                    return;
+                }
+                q = shared.work.wait(q).expect("queue poisoned");
+            }
+        };
+        run_job(&shared, job);
+    }
+}
+
+fn run_job(shared: &Shared, job: Job) {
+    let t = &job.ticket;
+    let mut result = Ok(());
+    let mut digests: Vec<(usize, u64)> = Vec::new();
+    if !t.abort.load(Ordering::SeqCst) {
+        let start = Instant::now();
+        // SAFETY: `submit`'s contract keeps dest valid and exclusively ours until the ticket
+        // finishes, which cannot happen before this job completes; jobs of one ticket cover
+        // disjoint ranges inside `buffer_len`, checked at submit.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(
+                (t.dest as *mut u8).add(job.dest_offset as usize),
+                job.len as usize,
+            )
+        };
+        result = shared
+            .backend
+            .read_into(&job.file, job.file_offset, dst)
+            .map_err(|e| e.with_unit(&t.unit));
+        if result.is_ok() {
+            if let Some(exp) = t.expected {
+                let mut k = job.dest_offset / CHECKSUM_CHUNK;
+                while k * CHECKSUM_CHUNK < (job.dest_offset + job.len).min(exp.covered) {
+                    let lo = k * CHECKSUM_CHUNK;
+                    let hi = ((k + 1) * CHECKSUM_CHUNK).min(exp.covered);
+                    // SAFETY: [lo, hi) lies inside this job's range, which we just wrote.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            (t.dest as *const u8).add(lo as usize),
+                            (hi - lo) as usize,
+                        )
+                    };
+                    digests.push((k as usize, xxhash_rust::xxh3::xxh3_64(bytes)));
+                    k += 1;
+                }
+            }
+            let c = &shared.counters;
+            c.bytes_read.fetch_add(job.len, Ordering::Relaxed);
+            c.chunks.fetch_add(1, Ordering::Relaxed);
+        }
+        shared
+            .counters
+            .busy_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    let mut st = t.state.lock().expect("ticket poisoned");
+    for (k, d) in digests {
+        st.digests[k] = d;
+    }
+    if let Err(e) = result {
+        t.abort.store(true, Ordering::SeqCst);
+        if st.error.is_none() {
+            st.error = Some(e);
+        }
+    }
+    st.remaining -= 1;
+    if st.remaining == 0 && !st.finished {
+        finish(shared, t, &mut st);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let pending: Vec<Job> = {
+            let mut guard = self.shared.queues.lock().expect("queue poisoned");
+            let q = &mut *guard;
+            q.shutdown = true;
+            q.demand.drain(..).chain(q.prefetch.drain(..)).collect()
+        };
+        self.shared.work.notify_all();
+        for job in pending {
+            let t = &job.ticket;
+            let mut st = t.state.lock().expect("ticket poisoned");
+            if st.error.is_none() {
+                st.error = Some(Error::Cancelled {
+                    unit: t.unit.clone(),
+                });
+            }
+            st.remaining -= 1;
+            if st.remaining == 0 && !st.finished {
+                finish(&self.shared, t, &mut st);
+            }
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}

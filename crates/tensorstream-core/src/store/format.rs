@@ -1,0 +1,272 @@
+//! Store format v1: a 64-byte header, 4 KiB-aligned unit data, then a JSON manifest.
+//! `docs/store-format.md` is the normative description; this module implements it.
+
+use super::{DType, BLOCK, TENSOR_ALIGN};
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+/// The first 8 bytes of every store file.
+pub const MAGIC: [u8; 8] = *b"TSSTORE\0";
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 64;
+/// Largest manifest a reader accepts, checked before anything is allocated.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// Largest number of units in one store.
+pub const MAX_UNITS: usize = 1 << 20;
+/// Largest number of tensors in one unit.
+pub const MAX_TENSORS_PER_UNIT: usize = 1 << 16;
+/// Largest number of dimensions of a tensor.
+pub const MAX_DIMS: usize = 16;
+
+/// The fixed header at offset 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub manifest_offset: u64,
+    pub manifest_len: u64,
+    pub manifest_checksum: u64,
+    pub file_len: u64,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // 12..16: flags, zero in v1.
+        b[16..24].copy_from_slice(&self.manifest_offset.to_le_bytes());
+        b[24..32].copy_from_slice(&self.manifest_len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.manifest_checksum.to_le_bytes());
+        b[40..48].copy_from_slice(&self.file_len.to_le_bytes());
+        b
+    }
+
+    pub fn decode(path: &Path, b: &[u8]) -> Result<Self> {
+        let bad = |reason: String| Error::format("store", path, reason);
+        if b.len() < HEADER_LEN {
+            return Err(bad(format!(
+                "file is {} bytes, shorter than the {HEADER_LEN}-byte header",
+                b.len()
+            )));
+        }
+        if b[0..8] != MAGIC {
+            return Err(bad(format!(
+                "bad magic {:02x?}, expected {:02x?} ('TSSTORE')",
+                &b[0..8],
+                MAGIC
+            )));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        if u32_at(12) != 0 {
+            return Err(bad(format!("unknown header flags {:#x}", u32_at(12))));
+        }
+        Ok(Header {
+            manifest_offset: u64_at(16),
+            manifest_len: u64_at(24),
+            manifest_checksum: u64_at(32),
+            file_len: u64_at(40),
+        })
+    }
+}
+
+/// One tensor of a unit, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorRecord {
+    /// Name, relative to the unit (e.g. "self_attn.q_proj.weight").
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Byte offset inside the unit, a multiple of 64.
+    pub offset: u64,
+    /// Size in bytes: the dtype's size times the product of the shape.
+    pub nbytes: u64,
+}
+
+/// One unit, as recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    /// Unit name (e.g. "model.layers.3").
+    pub name: String,
+    /// Byte offset of the unit in the file, a multiple of 4096.
+    pub offset: u64,
+    /// Bytes of unit data (tensors and the padding between them).
+    pub length: u64,
+    /// Bytes the unit occupies in the file: `length` rounded up to 4096.
+    pub padded_length: u64,
+    /// How the unit's bytes are coded on disk. v1 writes "raw".
+    pub codec: String,
+    /// Checksum of the `length` raw bytes, as 16 hex digits (see `chunked_checksum`).
+    pub checksum: String,
+    /// The tensors, in offset order.
+    pub tensors: Vec<TensorRecord>,
+}
+
+impl UnitRecord {
+    /// The checksum as a number.
+    pub fn checksum_value(&self) -> u64 {
+        u64::from_str_radix(&self.checksum, 16).unwrap_or(0)
+    }
+}
+
+/// The manifest: everything about a store but the data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always "tensorstream-store".
+    pub format: String,
+    /// Format version, equal to the header's.
+    pub version: u32,
+    /// Identifies the model the store was written for.
+    pub fingerprint: String,
+    /// Checksum scheme, "xxh3-64-chunked-4MiB" in v1.
+    pub checksum_algorithm: String,
+    /// Free-form string metadata (the writer's version, the model class, ...).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The units, in file order.
+    pub units: Vec<UnitRecord>,
+}
+
+/// Name of the checksum scheme of v1.
+pub const CHECKSUM_ALGORITHM: &str = "xxh3-64-chunked-4MiB";
+
+impl Manifest {
+    /// Validate every count, range and size against the header and the file length.
+    pub(crate) fn validate(&self, path: &Path, data_end: u64) -> Result<()> {
+        let bad = |reason: String| Error::format("store", path, reason);
+        if self.format != "tensorstream-store" {
+            return Err(bad(format!(
+                "manifest format is '{}', expected 'tensorstream-store'",
+                self.format
+            )));
+        }
+        if self.version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "manifest version {} differs from header version {FORMAT_VERSION}",
+                self.version
+            )));
+        }
+        if self.checksum_algorithm != CHECKSUM_ALGORITHM {
+            return Err(bad(format!(
+                "unknown checksum algorithm '{}'",
+                self.checksum_algorithm
+            )));
+        }
+        if self.units.len() > MAX_UNITS {
+            return Err(bad(format!(
+                "{} units, more than the limit of {MAX_UNITS}",
+                self.units.len()
+            )));
+        }
+        let mut names = HashSet::with_capacity(self.units.len());
+        let mut prev_end = BLOCK;
+        for u in &self.units {
+            if !names.insert(u.name.as_str()) {
+                return Err(bad(format!("unit '{}' appears twice", u.name)));
+            }
+            if u.codec != "raw" {
+                return Err(bad(format!(
+                    "unit '{}' uses codec '{}', which this build cannot decode",
+                    u.name, u.codec
+                )));
+            }
+            if u.checksum.len() != 16 || u64::from_str_radix(&u.checksum, 16).is_err() {
+                return Err(bad(format!(
+                    "unit '{}' has a malformed checksum '{}'",
+                    u.name, u.checksum
+                )));
+            }
+            if u.offset % BLOCK != 0 {
+                return Err(bad(format!(
+                    "unit '{}' starts at {}, not a multiple of {BLOCK}",
+                    u.name, u.offset
+                )));
+            }
+            if u.offset < prev_end {
+                return Err(bad(format!(
+                    "unit '{}' at {} overlaps the previous data ending at {prev_end}",
+                    u.name, u.offset
+                )));
+            }
+            let expect_padded = super::align_up(u.length, BLOCK);
+            if u.length == 0 || u.padded_length != expect_padded {
+                return Err(bad(format!(
+                    "unit '{}' has length {} and padded length {}, expected a nonzero length padded to {expect_padded}",
+                    u.name, u.length, u.padded_length
+                )));
+            }
+            let end = u.offset.checked_add(u.padded_length).filter(|&e| e <= data_end).ok_or_else(|| {
+                bad(format!(
+                    "unit '{}' spans {}..{}+{}, past the end of the data at {data_end} (truncated file?)",
+                    u.name, u.offset, u.offset, u.padded_length
+                ))
+            })?;
+            prev_end = end;
+            validate_tensors(path, u)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_tensors(path: &Path, u: &UnitRecord) -> Result<()> {
+    let bad = |reason: String| Error::format("store", path, format!("unit '{}': {reason}", u.name));
+    if u.tensors.is_empty() || u.tensors.len() > MAX_TENSORS_PER_UNIT {
+        return Err(bad(format!(
+            "{} tensors, expected 1 to {MAX_TENSORS_PER_UNIT}",
+            u.tensors.len()
+        )));
+    }
+    let mut names = HashSet::with_capacity(u.tensors.len());
+    let mut prev_end = 0u64;
+    for t in &u.tensors {
+        if !names.insert(t.name.as_str()) {
+            return Err(bad(format!("tensor '{}' appears twice", t.name)));
+        }
+        if t.shape.len() > MAX_DIMS {
+            return Err(bad(format!(
+                "tensor '{}' has {} dimensions, more than {MAX_DIMS}",
+                t.name,
+                t.shape.len()
+            )));
+        }
+        let want = t.dtype.nbytes(&t.shape);
+        if want != Some(t.nbytes) {
+            return Err(bad(format!(
+                "tensor '{}' records {} bytes, but {} of shape {:?} needs {}",
+                t.name,
+                t.nbytes,
+                t.dtype,
+                t.shape,
+                want.map_or("more than 2^64".to_string(), |w| w.to_string())
+            )));
+        }
+        if t.offset % TENSOR_ALIGN != 0 || t.offset < prev_end {
+            return Err(bad(format!(
+                "tensor '{}' at offset {} is unaligned or overlaps the previous tensor ending at {prev_end}",
+                t.name, t.offset
+            )));
+        }
+        prev_end = t
+            .offset
+            .checked_add(t.nbytes)
+            .filter(|&e| e <= u.length)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor '{}' spans {}+{}, past the unit length {}",
+                    t.name, t.offset, t.nbytes, u.length
+                ))
+            })?;
+    }
+    Ok(())
+}

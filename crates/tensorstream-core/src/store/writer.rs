@@ -1,0 +1,274 @@
+//! Atomic store writer: data goes to a temporary file next to the target, which is
+//! fsynced and renamed over the target only once the manifest and header are complete.
+//! A crash at any point leaves either no store or the previous one, never a store that
+//! looks valid with wrong bytes.
+
+use super::checksum::ChunkedHasher;
+use super::format::{
+    Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM, FORMAT_VERSION, HEADER_LEN,
+};
+use super::{align_up, DType, BLOCK, TENSOR_ALIGN};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Writes a store, unit by unit, tensor by tensor, in constant memory.
+///
+/// ```no_run
+/// use tensorstream_core::store::{DType, StoreWriter};
+/// let mut w = StoreWriter::create("model.tstore", "fingerprint")?;
+/// w.begin_unit("layers.0")?;
+/// w.add_tensor("weight", DType::F32, &[2, 2], &[0u8; 16])?;
+/// w.end_unit()?;
+/// w.finish()?;
+/// # Ok::<(), tensorstream_core::Error>(())
+/// ```
+pub struct StoreWriter {
+    final_path: PathBuf,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    pos: u64,
+    fingerprint: String,
+    metadata: BTreeMap<String, String>,
+    units: Vec<UnitRecord>,
+    open_unit: Option<OpenUnit>,
+    renamed: bool,
+}
+
+struct OpenUnit {
+    record: UnitRecord,
+    hasher: ChunkedHasher,
+}
+
+const ZEROS: [u8; BLOCK as usize] = [0u8; BLOCK as usize];
+
+impl StoreWriter {
+    /// Start writing a store that will appear at `path` when [`finish`](Self::finish) returns.
+    pub fn create(path: impl AsRef<Path>, fingerprint: &str) -> Result<Self> {
+        let final_path = path.as_ref().to_path_buf();
+        let file_name = final_path
+            .file_name()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "store path {} has no file name",
+                    final_path.display()
+                ))
+            })?
+            .to_string_lossy()
+            .into_owned();
+        let tmp_path =
+            final_path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp_path)
+            .map_err(|e| Error::io(&tmp_path, "create", 0, 0, e))?;
+        let mut w = StoreWriter {
+            final_path,
+            tmp_path,
+            out: Some(BufWriter::with_capacity(8 << 20, file)),
+            pos: 0,
+            fingerprint: fingerprint.to_string(),
+            metadata: BTreeMap::new(),
+            units: Vec::new(),
+            open_unit: None,
+            renamed: false,
+        };
+        // The header block is written last; until then the file has no magic.
+        w.write_raw(&ZEROS)?;
+        Ok(w)
+    }
+
+    /// Record a free-form metadata entry in the manifest.
+    pub fn set_metadata(&mut self, key: &str, value: &str) {
+        self.metadata.insert(key.to_string(), value.to_string());
+    }
+
+    /// The temporary file being written (for diagnostics and tests).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp_path
+    }
+
+    fn write_raw(&mut self, data: &[u8]) -> Result<()> {
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("store writer already finished".into()))?;
+        out.write_all(data)
+            .map_err(|e| Error::io(&self.tmp_path, "write", self.pos, data.len() as u64, e))?;
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let k = n.min(BLOCK);
+            self.write_raw(&ZEROS[..k as usize])?;
+            if let Some(u) = self.open_unit.as_mut() {
+                u.hasher.update(&ZEROS[..k as usize]);
+            }
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Start a unit. Units are written in order; each starts on a 4 KiB boundary.
+    pub fn begin_unit(&mut self, name: &str) -> Result<()> {
+        if let Some(u) = &self.open_unit {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' is still open",
+                u.record.name
+            )));
+        }
+        if self.units.iter().any(|u| u.name == name) {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{name}' was already written"
+            )));
+        }
+        debug_assert_eq!(self.pos % BLOCK, 0);
+        self.open_unit = Some(OpenUnit {
+            record: UnitRecord {
+                name: name.to_string(),
+                offset: self.pos,
+                length: 0,
+                padded_length: 0,
+                codec: "raw".into(),
+                checksum: String::new(),
+                tensors: Vec::new(),
+            },
+            hasher: ChunkedHasher::default(),
+        });
+        Ok(())
+    }
+
+    /// Append a tensor to the open unit. `data` must hold exactly the tensor's bytes.
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        data: &[u8],
+    ) -> Result<()> {
+        let unit = self.open_unit.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!("tensor '{name}' added outside a unit"))
+        })?;
+        let want = dtype.nbytes(shape);
+        if want != Some(data.len() as u64) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}' of unit '{}': {dtype} of shape {shape:?} needs {want:?} bytes, got {}",
+                unit.record.name,
+                data.len()
+            )));
+        }
+        if unit.record.tensors.iter().any(|t| t.name == name) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}' appears twice in unit '{}'",
+                unit.record.name
+            )));
+        }
+        let start = unit.record.offset;
+        let rel = self.pos - start;
+        let pad = align_up(rel, TENSOR_ALIGN) - rel;
+        self.write_zeros(pad)?;
+        let offset = self.pos - start;
+        self.write_raw(data)?;
+        let unit = self.open_unit.as_mut().expect("checked above");
+        unit.hasher.update(data);
+        unit.record.tensors.push(TensorRecord {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            offset,
+            nbytes: data.len() as u64,
+        });
+        unit.record.length = self.pos - start;
+        Ok(())
+    }
+
+    /// Close the open unit and pad the file to the next 4 KiB boundary.
+    pub fn end_unit(&mut self) -> Result<()> {
+        let unit = self
+            .open_unit
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("end_unit without begin_unit".into()))?;
+        if unit.record.tensors.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' has no tensors",
+                unit.record.name
+            )));
+        }
+        let OpenUnit { mut record, hasher } = self.open_unit.take().expect("checked above");
+        record.checksum = format!("{:016x}", hasher.finish());
+        record.padded_length = align_up(record.length, BLOCK);
+        let pad = align_up(self.pos, BLOCK) - self.pos;
+        self.write_zeros(pad)?;
+        self.units.push(record);
+        Ok(())
+    }
+
+    /// Write the manifest and header, fsync, and rename the file into place.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        if let Some(u) = &self.open_unit {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' is still open",
+                u.record.name
+            )));
+        }
+        let manifest = Manifest {
+            format: "tensorstream-store".into(),
+            version: FORMAT_VERSION,
+            fingerprint: self.fingerprint.clone(),
+            checksum_algorithm: CHECKSUM_ALGORITHM.into(),
+            metadata: std::mem::take(&mut self.metadata),
+            units: std::mem::take(&mut self.units),
+        };
+        let json = serde_json::to_vec(&manifest)
+            .map_err(|e| Error::InvalidArgument(format!("manifest encoding: {e}")))?;
+        let manifest_offset = self.pos;
+        self.write_raw(&json)?;
+        let header = Header {
+            manifest_offset,
+            manifest_len: json.len() as u64,
+            manifest_checksum: xxhash_rust::xxh3::xxh3_64(&json),
+            file_len: self.pos,
+        };
+        let out = self.out.take().expect("not finished yet");
+        let mut file = out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp_path, "write", self.pos, 0, e.into_error()))?;
+        let io = |op, e| Error::io(&self.tmp_path, op, 0, HEADER_LEN as u64, e);
+        // Data first, then the header that makes the file valid, each made durable in turn.
+        file.sync_data().map_err(|e| io("fsync", e))?;
+        file.seek(SeekFrom::Start(0)).map_err(|e| io("seek", e))?;
+        file.write_all(&header.encode())
+            .map_err(|e| io("write header", e))?;
+        file.sync_all().map_err(|e| io("fsync", e))?;
+        drop(file);
+        std::fs::rename(&self.tmp_path, &self.final_path)
+            .map_err(|e| Error::io(&self.final_path, "rename", 0, 0, e))?;
+        self.renamed = true;
+        if let Some(dir) = self.final_path.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        // An unfinished or failed writer leaves nothing behind.
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}
