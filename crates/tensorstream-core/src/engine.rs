@@ -92,6 +92,8 @@ struct Job {
     file_offset: u64,
     len: u64,
     dest_offset: u64,
+    /// Instead of reading the file, fault in the already-mapped destination range.
+    populate: bool,
 }
 
 #[derive(Default)]
@@ -209,6 +211,38 @@ impl Engine {
         dest_len: usize,
         priority: Priority,
     ) -> Result<Ticket> {
+        // SAFETY: forwarded contract.
+        unsafe { self.submit_inner(layout, dest, dest_len, priority, false) }
+    }
+
+    /// Fault in, and verify, a unit that the caller has memory-mapped read-only at `mapped`
+    /// (the unit's first byte), instead of copying it: the zero-copy CPU path. The workers
+    /// ask the kernel to populate the page tables (MADV_POPULATE_READ, or a read of each
+    /// page on kernels without it), reading from the disk what the page cache lacks, and
+    /// hash the unit when `layout.checksum` is set.
+    ///
+    /// # Safety
+    /// `mapped` must point to a readable mapping of at least `layout.buffer_len` bytes
+    /// holding the unit's bytes, which stays mapped until the ticket finishes.
+    pub unsafe fn submit_populate(
+        &self,
+        layout: &UnitLayout,
+        mapped: *const u8,
+        priority: Priority,
+    ) -> Result<Ticket> {
+        let len = layout.buffer_len as usize;
+        // SAFETY: forwarded contract; populate jobs only read the range.
+        unsafe { self.submit_inner(layout, mapped as *mut u8, len, priority, true) }
+    }
+
+    unsafe fn submit_inner(
+        &self,
+        layout: &UnitLayout,
+        dest: *mut u8,
+        dest_len: usize,
+        priority: Priority,
+        populate: bool,
+    ) -> Result<Ticket> {
         if (dest_len as u64) < layout.buffer_len {
             return Err(Error::InvalidArgument(format!(
                 "unit '{}' needs a {}-byte buffer, got {dest_len}",
@@ -297,6 +331,7 @@ impl Engine {
                     file_offset,
                     len,
                     dest_offset,
+                    populate,
                 });
             }
         }
@@ -453,26 +488,24 @@ fn run_job(shared: &Shared, job: Job) {
     let mut digests: Vec<(usize, u64)> = Vec::new();
     if !t.abort.load(Ordering::SeqCst) {
         let start = Instant::now();
-        // SAFETY: `submit`'s contract keeps dest valid and exclusively ours until the ticket
-        // finishes, which cannot happen before this job completes; jobs of one ticket cover
-        // disjoint ranges inside `buffer_len`, checked at submit.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(
-                (t.dest as *mut u8).add(job.dest_offset as usize),
-                job.len as usize,
-            )
+        let ptr = (t.dest + job.dest_offset as usize) as *mut u8;
+        result = if job.populate {
+            populate(ptr, job.len as usize);
+            Ok(())
+        } else {
+            // SAFETY: `submit`'s contract keeps dest valid and exclusively ours until the
+            // ticket finishes, which cannot happen before this job completes; jobs of one
+            // ticket cover disjoint ranges inside `buffer_len`, checked at submit.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, job.len as usize) };
+            shared.backend.read_into(&job.file, job.file_offset, dst).map_err(|e| e.with_unit(&t.unit))
         };
-        result = shared
-            .backend
-            .read_into(&job.file, job.file_offset, dst)
-            .map_err(|e| e.with_unit(&t.unit));
         if result.is_ok() {
             if let Some(exp) = t.expected {
                 let mut k = job.dest_offset / CHECKSUM_CHUNK;
                 while k * CHECKSUM_CHUNK < (job.dest_offset + job.len).min(exp.covered) {
                     let lo = k * CHECKSUM_CHUNK;
                     let hi = ((k + 1) * CHECKSUM_CHUNK).min(exp.covered);
-                    // SAFETY: [lo, hi) lies inside this job's range, which we just wrote.
+                    // SAFETY: [lo, hi) lies inside this job's range, which we just wrote or mapped.
                     let bytes = unsafe {
                         std::slice::from_raw_parts(
                             (t.dest as *const u8).add(lo as usize),
@@ -505,6 +538,27 @@ fn run_job(shared: &Shared, job: Job) {
     st.remaining -= 1;
     if st.remaining == 0 && !st.finished {
         finish(shared, t, &mut st);
+    }
+}
+
+/// Fault in the pages of a mapped range without copying them anywhere.
+fn populate(ptr: *const u8, len: usize) {
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    let addr = ptr as usize;
+    let page = 4096usize;
+    let start = addr & !(page - 1);
+    let span = addr + len - start;
+    // SAFETY: the range lies in a live mapping (submit_populate's contract); populating
+    // page tables reads nothing into our memory and changes no data.
+    let rc = unsafe { libc::madvise(start as *mut libc::c_void, span, MADV_POPULATE_READ) };
+    if rc != 0 {
+        // Older kernels: touch one byte per page.
+        let mut sum = 0u8;
+        for off in (0..len).step_by(page) {
+            // SAFETY: off < len, inside the mapping; a volatile read keeps the load.
+            sum ^= unsafe { std::ptr::read_volatile(ptr.add(off)) };
+        }
+        std::hint::black_box(sum);
     }
 }
 

@@ -260,6 +260,9 @@ impl ResidencyPlanner {
             }
         }
         self.current_pass.clear();
+        // A pass starts with no unit running; an exception in the previous pass may have
+        // skipped some releases.
+        self.in_use.iter_mut().for_each(|c| *c = 0);
     }
 
     /// Fill the budget, minus the streaming window, with the most-used units.

@@ -45,6 +45,21 @@ pub trait ReadBackend: Send + Sync {
     fn close_all(&self) {}
 }
 
+impl<T: ReadBackend + ?Sized> ReadBackend for std::sync::Arc<T> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn read_into(&self, path: &Path, offset: u64, dst: &mut [u8]) -> Result<()> {
+        (**self).read_into(path, offset, dst)
+    }
+    fn stats(&self) -> BackendStats {
+        (**self).stats()
+    }
+    fn close_all(&self) {
+        (**self).close_all()
+    }
+}
+
 /// Drop the page cache's copy of a file, so that the next read comes from the disk.
 /// Benchmarks use it to measure cold reads.
 pub fn drop_page_cache(path: &Path) -> Result<()> {

@@ -7,12 +7,13 @@ use super::checksum::ChunkedHasher;
 use super::format::{
     Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM, FORMAT_VERSION, HEADER_LEN,
 };
-use super::{align_up, DType, BLOCK, TENSOR_ALIGN};
+use super::{align_up, DType, BLOCK};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes a store, unit by unit, tensor by tensor, in constant memory.
 ///
@@ -42,6 +43,10 @@ struct OpenUnit {
     hasher: ChunkedHasher,
 }
 
+/// Writers align tensors to 256 bytes, more than the 64 the format requires: GPU kernels
+/// then see the same alignment as in a fresh allocation, so they pick the same code paths.
+pub const WRITE_TENSOR_ALIGN: u64 = 256;
+
 const ZEROS: [u8; BLOCK as usize] = [0u8; BLOCK as usize];
 
 impl StoreWriter {
@@ -58,14 +63,24 @@ impl StoreWriter {
             })?
             .to_string_lossy()
             .into_owned();
-        let tmp_path =
-            final_path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp_path)
-            .map_err(|e| Error::io(&tmp_path, "create", 0, 0, e))?;
+        // A name no other writer uses: two writers for one target, in this process or in
+        // another one with the same pid (containers sharing a filesystem), must not share
+        // (and truncate, or delete) each other's temporary file.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let (tmp_path, file) = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let tmp_path = final_path
+                .with_file_name(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp_path)
+            {
+                Ok(f) => break (tmp_path, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&tmp_path, "create", 0, 0, e)),
+            }
+        };
         let mut w = StoreWriter {
             final_path,
             tmp_path,
@@ -171,7 +186,7 @@ impl StoreWriter {
         }
         let start = unit.record.offset;
         let rel = self.pos - start;
-        let pad = align_up(rel, TENSOR_ALIGN) - rel;
+        let pad = align_up(rel, WRITE_TENSOR_ALIGN) - rel;
         self.write_zeros(pad)?;
         let offset = self.pos - start;
         self.write_raw(data)?;
@@ -197,6 +212,13 @@ impl StoreWriter {
         if unit.record.tensors.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "unit '{}' has no tensors",
+                unit.record.name
+            )));
+        }
+        if unit.record.length == 0 {
+            // A unit of zero bytes has nothing to read or verify, and readers refuse it.
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' holds no bytes: all its tensors are zero-sized",
                 unit.record.name
             )));
         }

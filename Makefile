@@ -1,0 +1,61 @@
+# The README's commands. Each target sets up what it needs on a fresh machine:
+# a virtualenv, torch and transformers, the build tools, and the Rust extension.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+DEPS    := $(VENV)/.deps-stamp
+BUILT   := $(VENV)/.built-stamp
+SOURCES := $(shell find crates python -name '*.rs' -o -name '*.py' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml pyproject.toml
+
+.PHONY: demo test test-rs test-py test-gpu lint format bench bench-cpu bench-gpu bench-io wheel clean
+
+demo: $(BUILT)
+	$(VENV)/bin/tensorstream demo
+
+test: test-rs test-py
+
+test-rs:
+	cargo test -p tensorstream-core
+
+test-py: $(BUILT)
+	$(PY) -m pytest -q tests
+
+test-gpu: $(BUILT)
+	$(PY) -m pytest -q -m gpu tests
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(DEPS): requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements-dev.txt
+	touch $@
+
+$(BUILT): $(DEPS) $(SOURCES)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release -q
+	touch $@
+
+wheel: $(DEPS)
+	$(VENV)/bin/maturin build --release -o dist
+
+lint: $(DEPS)
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests bench examples
+	$(VENV)/bin/ruff format --check python tests bench examples
+
+format: $(DEPS)
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests bench examples
+	$(VENV)/bin/ruff check --fix python tests bench examples
+
+bench-cpu: $(BUILT)
+	$(PY) bench/cpu_offload.py
+
+bench-gpu: $(BUILT)
+	$(PY) bench/gpu_stream.py
+
+bench-io:
+	bash bench/io_read.sh
+
+clean:
+	rm -rf $(VENV) target dist

@@ -1,0 +1,244 @@
+//! Store writer, store reader and safetensors view.
+
+use crate::errors::IntoPyResult;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tensorstream_core::store::{self, DType, SafetensorsView, Store, StoreWriter, UnitLayout};
+
+/// The read layout of one unit: where its bytes are and where each tensor lands.
+#[pyclass(name = "Layout", module = "tensorstream._core", frozen)]
+#[derive(Clone)]
+pub struct PyLayout {
+    pub inner: UnitLayout,
+}
+
+#[pymethods]
+impl PyLayout {
+    /// Unit name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+    /// Bytes the destination buffer must have.
+    #[getter]
+    fn buffer_len(&self) -> u64 {
+        self.inner.buffer_len
+    }
+    /// Bytes read from files to load this unit.
+    #[getter]
+    fn bytes_to_read(&self) -> u64 {
+        self.inner.bytes_to_read()
+    }
+    /// (file, offset, length, dest_offset) of each extent.
+    #[getter]
+    fn extents(&self) -> Vec<(String, u64, u64, u64)> {
+        self.inner
+            .extents
+            .iter()
+            .map(|e| (self.inner.files[e.file].to_string_lossy().into_owned(), e.file_offset, e.len, e.dest_offset))
+            .collect()
+    }
+    /// (name, dtype, shape, offset, nbytes) of each tensor.
+    #[getter]
+    fn tensors(&self) -> Vec<(String, String, Vec<u64>, u64, u64)> {
+        self.inner
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone(), t.offset, t.nbytes))
+            .collect()
+    }
+    /// True when a checksum is verified on read.
+    #[getter]
+    fn checksummed(&self) -> bool {
+        self.inner.checksum.is_some()
+    }
+    /// A copy of this layout without checksum verification (for data already verified).
+    fn without_checksum(&self) -> PyLayout {
+        let mut inner = self.inner.clone();
+        inner.checksum = None;
+        PyLayout { inner }
+    }
+}
+
+fn parse_dtype(s: &str) -> PyResult<DType> {
+    s.parse::<DType>().map_err(PyValueError::new_err)
+}
+
+/// Writes a store atomically (temporary file, fsync, rename).
+#[pyclass(name = "StoreWriter", module = "tensorstream._core")]
+pub struct PyStoreWriter {
+    inner: Option<StoreWriter>,
+}
+
+impl PyStoreWriter {
+    fn w(&mut self) -> PyResult<&mut StoreWriter> {
+        self.inner.as_mut().ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))
+    }
+}
+
+#[pymethods]
+impl PyStoreWriter {
+    #[new]
+    fn new(path: &str, fingerprint: &str) -> PyResult<Self> {
+        Ok(PyStoreWriter { inner: Some(StoreWriter::create(path, fingerprint).py()?) })
+    }
+
+    fn set_metadata(&mut self, key: &str, value: &str) -> PyResult<()> {
+        self.w()?.set_metadata(key, value);
+        Ok(())
+    }
+
+    fn begin_unit(&mut self, name: &str) -> PyResult<()> {
+        self.w()?.begin_unit(name).py()
+    }
+
+    /// Append a tensor from raw memory.
+    ///
+    /// The caller guarantees that `ptr` points to `nbytes` readable bytes that stay alive
+    /// and unchanged during the call (the Python layer passes a contiguous CPU tensor it holds).
+    fn add_tensor(&mut self, py: Python<'_>, name: &str, dtype: &str, shape: Vec<u64>, ptr: usize, nbytes: usize) -> PyResult<()> {
+        let dtype = parse_dtype(dtype)?;
+        if ptr == 0 && nbytes > 0 {
+            return Err(PyValueError::new_err(format!("tensor '{name}': null data pointer")));
+        }
+        let w = self.w()?;
+        let addr = ptr;
+        py.detach(move || {
+            let data: &[u8] = if nbytes == 0 {
+                &[]
+            } else {
+                // SAFETY: the caller's contract (documented above): ptr is valid for nbytes
+                // reads for the duration of this call.
+                unsafe { std::slice::from_raw_parts(addr as *const u8, nbytes) }
+            };
+            w.add_tensor(name, dtype, &shape, data)
+        })
+        .py()
+    }
+
+    fn end_unit(&mut self) -> PyResult<()> {
+        self.w()?.end_unit().py()
+    }
+
+    /// Write the manifest and header, fsync and rename into place. Returns the final path.
+    fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
+        let w = self.inner.take().ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))?;
+        let p = py.detach(move || w.finish()).py()?;
+        Ok(p.to_string_lossy().into_owned())
+    }
+
+    /// Abandon the store: the temporary file is removed and nothing appears at the target.
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
+/// A validated, read-only store.
+#[pyclass(name = "Store", module = "tensorstream._core", frozen)]
+pub struct PyStore {
+    pub inner: Store,
+}
+
+#[pymethods]
+impl PyStore {
+    /// Open and validate a store; with `fingerprint`, also refuse one made for another model.
+    #[new]
+    #[pyo3(signature = (path, fingerprint=None))]
+    fn new(py: Python<'_>, path: &str, fingerprint: Option<&str>) -> PyResult<Self> {
+        let inner = py
+            .detach(|| match fingerprint {
+                Some(f) => Store::open_for(path, f),
+                None => Store::open(path),
+            })
+            .py()?;
+        Ok(PyStore { inner })
+    }
+
+    #[getter]
+    fn path(&self) -> String {
+        self.inner.path().to_string_lossy().into_owned()
+    }
+    #[getter]
+    fn fingerprint(&self) -> &str {
+        &self.inner.manifest().fingerprint
+    }
+    #[getter]
+    fn file_len(&self) -> u64 {
+        self.inner.file_len()
+    }
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.inner.manifest().metadata {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+    /// Names of the units, in file order.
+    fn unit_names(&self) -> Vec<String> {
+        self.inner.manifest().units.iter().map(|u| u.name.clone()).collect()
+    }
+    /// (name, offset, length, padded_length, codec, checksum) of each unit.
+    fn units(&self) -> Vec<(String, u64, u64, u64, String, String)> {
+        self.inner
+            .manifest()
+            .units
+            .iter()
+            .map(|u| (u.name.clone(), u.offset, u.length, u.padded_length, u.codec.clone(), u.checksum.clone()))
+            .collect()
+    }
+    /// Index of a unit by name, or None.
+    fn unit_index(&self, name: &str) -> Option<usize> {
+        self.inner.unit_index(name)
+    }
+    /// Read layout of unit `i`.
+    fn layout(&self, i: usize) -> PyResult<PyLayout> {
+        Ok(PyLayout { inner: self.inner.layout(i).py()? })
+    }
+}
+
+/// A read-only view of a safetensors checkpoint (file, directory or sharded index).
+#[pyclass(name = "SafetensorsView", module = "tensorstream._core", frozen)]
+pub struct PySafetensorsView {
+    inner: SafetensorsView,
+}
+
+#[pymethods]
+impl PySafetensorsView {
+    #[new]
+    fn new(py: Python<'_>, path: &str) -> PyResult<Self> {
+        Ok(PySafetensorsView { inner: py.detach(|| SafetensorsView::open(path)).py()? })
+    }
+    /// name -> (dtype, shape, file, offset, nbytes)
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, t) in self.inner.tensors() {
+            let file = self.inner.files()[t.file].to_string_lossy().into_owned();
+            d.set_item(name, (t.dtype.name(), t.shape.clone(), file, t.offset, t.nbytes))?;
+        }
+        Ok(d)
+    }
+    fn files(&self) -> Vec<String> {
+        self.inner.files().iter().map(|p| p.to_string_lossy().into_owned()).collect()
+    }
+    /// Read layout for a unit made of the named tensors.
+    fn layout(&self, unit: &str, names: Vec<String>) -> PyResult<PyLayout> {
+        Ok(PyLayout { inner: self.inner.layout(unit, &names).py()? })
+    }
+}
+
+/// xxh3-based checksum of raw memory, as a store records it (for fingerprints).
+///
+/// The caller guarantees `ptr` is valid for `nbytes` reads during the call.
+#[pyfunction]
+pub fn checksum(py: Python<'_>, ptr: usize, nbytes: usize) -> u64 {
+    if nbytes == 0 {
+        return store::chunked_checksum(&[]);
+    }
+    py.detach(move || {
+        // SAFETY: the caller's contract: ptr is valid for nbytes reads during the call.
+        let data = unsafe { std::slice::from_raw_parts(ptr as *const u8, nbytes) };
+        store::chunked_checksum(data)
+    })
+}

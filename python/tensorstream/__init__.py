@@ -1,0 +1,65 @@
+"""TensorStream: run PyTorch models larger than GPU memory or RAM by streaming their blocks'
+weights from disk just in time, with bit-identical outputs, within a memory budget.
+
+    import tensorstream
+    model = tensorstream.offload(model, tensorstream.Config("/tmp/ts", vram_budget_gb=4))
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import _core
+from .config import BackendType, Config, MemoryPressureMode, PrefetchStrategy, create_default_config
+from .errors import (
+    BudgetError,
+    ConfigError,
+    InvalidArgumentError,
+    StoreCorruptedError,
+    StoreMismatchError,
+    StreamIOError,
+    TensorStreamError,
+)
+from .offload import offload, runtime_of
+from .runtime import MemoryPressureEvent, set_memory_pressure_callback
+
+__version__ = _core.__version__
+
+
+def get_model_statistics(model: nn.Module) -> dict:
+    """Statistics of an offloaded model: budget and usage, residency, hit rates, bytes read
+    and copied, the backend actually in use (after AUTO and any fallback), stall time."""
+    return runtime_of(model).statistics()
+
+
+def estimate_model_memory(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once), whether or
+    not it is offloaded."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+__all__ = [
+    "Config",
+    "BackendType",
+    "PrefetchStrategy",
+    "MemoryPressureMode",
+    "offload",
+    "get_model_statistics",
+    "create_default_config",
+    "estimate_model_memory",
+    "set_memory_pressure_callback",
+    "MemoryPressureEvent",
+    "TensorStreamError",
+    "ConfigError",
+    "InvalidArgumentError",
+    "BudgetError",
+    "StoreCorruptedError",
+    "StoreMismatchError",
+    "StreamIOError",
+]

@@ -1,0 +1,160 @@
+"""Configuration: :class:`Config` and the enums of the public API.
+
+Every field is validated when the Config is made; an invalid value raises
+:class:`~tensorstream.errors.ConfigError` (a ``ValueError``) naming the field and what is allowed.
+Enum fields accept the enum member or its plain string (``"mmap"``, ``"next_layer"``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional, Sequence, Union
+
+from .errors import ConfigError
+
+
+class BackendType(str, Enum):
+    """How unit bytes get from disk to the device that runs the model."""
+
+    AUTO = "auto"
+    """CUDA pinned copies when the model runs on a GPU; on CPU, MMAP when the store fits
+    comfortably in the page cache, else PREAD."""
+    GPUDIRECT = "gpudirect"
+    """GPUDirect Storage (cuFile). Probed at run time; falls back visibly to CUDA when
+    cuFile cannot register the file."""
+    CUDA = "cuda"
+    """O_DIRECT reads into pinned host buffers, then asynchronous copies on a side stream."""
+    MMAP = "mmap"
+    """Memory-mapped store. On CPU the parameters are zero-copy views of the mapping."""
+    PREAD = "pread"
+    """pread with O_DIRECT into budgeted buffers: bypasses the page cache (larger than RAM)."""
+
+
+class PrefetchStrategy(str, Enum):
+    """How far ahead units are loaded."""
+
+    NONE = "none"
+    """Load on demand only; LRU eviction."""
+    NEXT_LAYER = "next_layer"
+    """Prefetch the next unit in model order while the current one runs; LRU eviction."""
+    ADAPTIVE = "adaptive"
+    """Learn the access order in the first forward; keep a fixed subset resident and
+    prefetch the rest ahead, across forward boundaries."""
+
+
+class MemoryPressureMode(str, Enum):
+    """How eagerly the budget is used. See docs/memory-pressure.md."""
+
+    CONSERVATIVE = "conservative"
+    """Streamed units are dropped as soon as they have run; only the kept set stays between
+    forwards. One unit of prefetch."""
+    BALANCED = "balanced"
+    """Streamed units are dropped lazily, when room is needed. One unit of prefetch."""
+    AGGRESSIVE = "aggressive"
+    """Lazy eviction and two units of prefetch: hides more latency, keeps one unit fewer."""
+
+
+EnumLike = Union[str, Enum]
+
+
+def _coerce(enum_cls: type[Enum], value: EnumLike, field_name: str) -> Enum:
+    if isinstance(value, enum_cls):
+        return value
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, str):
+        key = value.strip().lower()
+        for member in enum_cls:
+            if key in (member.value, member.name.lower()):
+                return member
+    allowed = ", ".join(repr(m.value) for m in enum_cls)
+    raise ConfigError(f"Config.{field_name}={value!r} is not valid; allowed: {allowed} (or {enum_cls.__name__} members)")
+
+
+@dataclass
+class Config:
+    """Settings of :func:`tensorstream.offload`.
+
+    ``vram_budget_gb`` is the budget for the model weights TensorStream keeps on the device
+    that runs the model: the modules that are not streamed, the resident units and the
+    buffers in flight. Activations and the KV cache belong to the model and sit outside it.
+    On a CPU-only run the device is host RAM. ``None`` picks a default: on CPU the available
+    RAM minus a headroom of max(2 GiB, 10%); on CUDA 80% of the free device memory.
+    """
+
+    storage_path: Union[str, os.PathLike]
+    vram_budget_gb: Optional[float] = None
+    backend: EnumLike = BackendType.AUTO
+    prefetch_strategy: EnumLike = PrefetchStrategy.ADAPTIVE
+    compression_enabled: bool = False
+    compression_level: int = 3
+    num_io_threads: int = 4
+    memory_pressure_mode: EnumLike = MemoryPressureMode.BALANCED
+    debug_mode: bool = False
+    host_cache_gb: Optional[float] = None
+    """CUDA only: pinned host RAM that keeps units so repeated forwards skip the disk.
+    ``None``: 40% of the available RAM; ``0`` disables it. Always capped at half the
+    machine's RAM (pinned memory cannot be swapped; pinning all of it cripples a machine)."""
+    units: Optional[Sequence[str]] = None
+    """Streamable units, as module names (``"model.layers.0"``) or class names
+    (``"LlamaDecoderLayer"``). ``None``: the children of the model's largest ModuleList
+    (or Sequential): the blocks of a transformer."""
+    overwrite_store: bool = False
+    """Replace a store at the same path that was written for another model, instead of
+    raising StoreMismatchError."""
+    store_name: Optional[str] = None
+    """File name of the store under storage_path (default: the model's class name)."""
+    chunk_mb: int = 8
+    """I/O request size in MiB (a multiple of 4)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.storage_path, (str, os.PathLike)) or str(self.storage_path) == "":
+            raise ConfigError(f"Config.storage_path={self.storage_path!r} must be a non-empty path")
+        if self.vram_budget_gb is not None:
+            if isinstance(self.vram_budget_gb, bool) or not isinstance(self.vram_budget_gb, (int, float)):
+                raise ConfigError(f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a number of GB or None")
+            if not (self.vram_budget_gb > 0) or self.vram_budget_gb == float("inf"):
+                raise ConfigError(f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a positive, finite number of GB")
+        self.backend = _coerce(BackendType, self.backend, "backend")
+        self.prefetch_strategy = _coerce(PrefetchStrategy, self.prefetch_strategy, "prefetch_strategy")
+        self.memory_pressure_mode = _coerce(MemoryPressureMode, self.memory_pressure_mode, "memory_pressure_mode")
+        for name in ("compression_enabled", "debug_mode", "overwrite_store"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Config.{name}={getattr(self, name)!r} must be True or False")
+        _check_int(self, "compression_level", 1, 9)
+        _check_int(self, "num_io_threads", 1, 64)
+        _check_int(self, "chunk_mb", 4, 1024)
+        if self.chunk_mb % 4:
+            raise ConfigError(f"Config.chunk_mb={self.chunk_mb} must be a multiple of 4")
+        if self.host_cache_gb is not None:
+            if isinstance(self.host_cache_gb, bool) or not isinstance(self.host_cache_gb, (int, float)) or not (
+                0 <= self.host_cache_gb < float("inf")
+            ):
+                raise ConfigError(f"Config.host_cache_gb={self.host_cache_gb!r} must be a number >= 0 or None")
+        if self.units is not None:
+            if isinstance(self.units, str) or not all(isinstance(u, str) and u for u in self.units):
+                raise ConfigError(f"Config.units={self.units!r} must be a list of module or class names")
+            self.units = list(self.units)
+        if self.store_name is not None and (not self.store_name or "/" in self.store_name or self.store_name in (".", "..")):
+            raise ConfigError(f"Config.store_name={self.store_name!r} must be a plain file name")
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        """The budget in bytes, or None for the device's default."""
+        return None if self.vram_budget_gb is None else int(self.vram_budget_gb * (1 << 30))
+
+
+def _check_int(cfg: Config, name: str, lo: int, hi: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"Config.{name}={v!r} must be an integer from {lo} to {hi}")
+
+
+def create_default_config(storage_path: Union[str, os.PathLike]) -> Config:
+    """A Config with every default: automatic backend and budget, adaptive prefetch."""
+    return Config(storage_path=storage_path)
+
+
+__all__ = ["Config", "BackendType", "PrefetchStrategy", "MemoryPressureMode", "create_default_config", "field"]

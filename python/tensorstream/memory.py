@@ -1,0 +1,93 @@
+"""Host memory facts: available RAM, peak RSS, aligned buffers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+PAGE = 4096
+
+
+def meminfo() -> dict:
+    """/proc/meminfo in bytes (empty off Linux)."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                k, v = line.split(":", 1)
+                parts = v.split()
+                out[k] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    except OSError:
+        pass
+    return out
+
+
+def available_ram() -> int:
+    info = meminfo()
+    if "MemAvailable" in info:
+        return info["MemAvailable"]
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def total_ram() -> int:
+    info = meminfo()
+    if "MemTotal" in info:
+        return info["MemTotal"]
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0). Returns False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 CPU tensor of `nbytes` whose data starts on a 4 KiB boundary (for O_DIRECT)."""
+    if pin:
+        # cudaHostAlloc returns page-aligned memory.
+        t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if t.data_ptr() % PAGE == 0:
+            return t
+        del t
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+    off = (-raw.data_ptr()) % PAGE
+    return raw[off : off + nbytes]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

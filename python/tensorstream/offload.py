@@ -1,0 +1,103 @@
+"""`offload()`: analyse the model, write or reuse its store, free the units and install
+the streaming runtime."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import _core
+from .config import Config
+from .errors import InvalidArgumentError, StoreMismatchError, TensorStreamError
+from .runtime import Runtime
+from .units import analyse, fingerprint, write_store
+
+log = logging.getLogger("tensorstream")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _clean_stale_temps(store_path: Path) -> None:
+    """Remove temporary files of writers that died (their PID is gone)."""
+    for tmp in glob.glob(str(store_path.parent / f".{store_path.name}.tmp-*")):
+        try:
+            pid = int(tmp.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def open_or_write_store(model: nn.Module, units: list, config: Config) -> "_core.Store":
+    """Reuse the store under `config.storage_path` if it was written for this model, else
+    write it. A store written for another model is refused unless `overwrite_store`."""
+    root = Path(config.storage_path)
+    root.mkdir(parents=True, exist_ok=True)
+    name = config.store_name or f"{type(model).__name__}.tstore"
+    path = root / name
+    _clean_stale_temps(path)
+    fp = fingerprint(model, units)
+    if path.exists():
+        try:
+            store = _core.Store(str(path), fp)
+            log.info("reusing store %s", path)
+            return store
+        except StoreMismatchError:
+            if not config.overwrite_store:
+                raise
+            log.warning("overwriting store %s, which was written for another model", path)
+    if config.compression_enabled:
+        import warnings
+
+        warnings.warn(
+            "TensorStream: compression_enabled=True is not implemented in this version; the store is written uncompressed",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    write_store(str(path), fp, model, units, progress=config.debug_mode)
+    return _core.Store(str(path), fp)
+
+
+def offload(model: nn.Module, config: Config) -> nn.Module:
+    """Stream `model`'s blocks from disk within `config.vram_budget_gb`.
+
+    Offloads in place and returns the same model. Its outputs stay bit-identical; the
+    blocks' weights live in a store under `config.storage_path` and are made resident just
+    before each block runs. Call ``model.to(device)`` afterwards to run on another device.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"offload() needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, Config):
+        raise InvalidArgumentError(f"offload() needs a tensorstream.Config, got {type(config).__name__}")
+    if getattr(model, "_tensorstream", None) is not None:
+        raise TensorStreamError("this model is already offloaded; offload() it once")
+    units = analyse(model, config.units)
+    if not units:
+        raise InvalidArgumentError(
+            f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or more "
+            "blocks holding parameters; name them with Config(units=[...])"
+        )
+    store = open_or_write_store(model, units, config)
+    runtime = Runtime(model, units, store, config, _model_device(model))
+    runtime.install()
+    model._tensorstream = runtime
+    return model
+
+
+def runtime_of(model: nn.Module) -> Runtime:
+    rt = getattr(model, "_tensorstream", None)
+    if rt is None:
+        raise InvalidArgumentError(f"{type(model).__name__} is not offloaded; call tensorstream.offload(model, config) first")
+    return rt

@@ -1,0 +1,188 @@
+"""Model analysis: which modules are streamable units, which parameters they stream, and
+the model's fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import _core
+from .errors import ConfigError
+
+TORCH_TO_ST = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        TORCH_TO_ST[getattr(torch, _name)] = _st
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+
+
+@dataclass
+class ParamRef:
+    """One streamed parameter: where it lives in the model and in the store."""
+
+    module: nn.Module
+    attr: str
+    store_name: str
+    dtype: torch.dtype
+    shape: tuple
+
+    def get(self) -> nn.Parameter:
+        return self.module._parameters[self.attr]
+
+
+@dataclass
+class UnitSpec:
+    """A streamable unit: modules whose parameters are streamed together."""
+
+    index: int
+    name: str
+    modules: list
+    params: list = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_numel(p.shape) * _itemsize(p.dtype) for p in self.params)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _default_unit_modules(model: nn.Module) -> list:
+    """Children of the container (ModuleList or Sequential) holding the most parameter bytes."""
+    best, best_bytes = None, 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            b = _param_bytes(m)
+            kids = [c for c in m.children() if _param_bytes(c) > 0]
+            if len(kids) >= 2 and b > best_bytes:
+                best, best_bytes = m, b
+    if best is None:
+        return []
+    return [c for c in best.children() if _param_bytes(c) > 0]
+
+
+def _select_by_names(model: nn.Module, names: Iterable[str]) -> list:
+    by_name = dict(model.named_modules())
+    chosen, seen = [], set()
+    for spec in names:
+        if spec in by_name:
+            mods = [by_name[spec]]
+        else:
+            mods = [m for n, m in by_name.items() if type(m).__name__ == spec]
+            # Outermost only: skip modules nested in another match.
+            mods = [m for m in mods if not any(m is not o and any(m is x for x in o.modules()) for o in mods)]
+        if not mods:
+            raise ConfigError(f"Config.units entry {spec!r} matches no module name or class name of {type(model).__name__}")
+        for m in mods:
+            if id(m) not in seen:
+                seen.add(id(m))
+                chosen.append(m)
+    return chosen
+
+
+def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
+    """Find the units of `model` and the parameters each streams.
+
+    A parameter is streamed by a unit only if nothing outside that unit uses it (tied or
+    shared parameters stay resident), so streaming never changes what other modules see.
+    """
+    modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    # Who uses each parameter: a list of owning modules (with duplicates for re-registration).
+    owners: dict = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    units, seen_modules = [], set()
+    for m in modules:
+        if id(m) in seen_modules:
+            continue  # the same block listed twice (called twice per forward) is one unit
+        seen_modules.add(id(m))
+        inside = {id(x) for x in m.modules()}
+        spec = UnitSpec(index=len(units), name=names.get(id(m), type(m).__name__), modules=[m])
+        taken = set()
+        for sub_name, sub in m.named_modules(remove_duplicate=False):
+            for attr, p in sub._parameters.items():
+                if p is None or id(p) in taken or not owners.get(id(p), set()) <= inside:
+                    continue
+                if p.is_sparse or p.is_quantized or p.dtype not in TORCH_TO_ST:
+                    continue
+                taken.add(id(p))
+                store_name = f"{sub_name}.{attr}" if sub_name else attr
+                spec.params.append(ParamRef(sub, attr, store_name, p.dtype, tuple(p.shape)))
+        if spec.params:
+            units.append(spec)
+    for i, u in enumerate(units):
+        u.index = i
+    return units
+
+
+def fingerprint(model: nn.Module, units: list) -> str:
+    """Identify the model: its class and, per unit, each tensor's name, dtype, shape and
+    content checksum. Two models that differ in any streamed byte differ here."""
+    h = hashlib.sha256()
+    h.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
+    for u in units:
+        h.update(f"|unit:{u.name}".encode())
+        for p in u.params:
+            t = _cpu_contiguous(p.get().detach())
+            digest = _core.checksum(t.data_ptr(), t.numel() * t.element_size())
+            h.update(f"|{p.store_name}:{TORCH_TO_ST[p.dtype]}:{list(p.shape)}:{digest:016x}".encode())
+    return h.hexdigest()[:32]
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+def write_store(path: str, fp: str, model: nn.Module, units: list, progress: bool = False) -> str:
+    """Write the units' parameters to a new store at `path`, atomically."""
+    writer = _core.StoreWriter(path, fp)
+    try:
+        writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
+        writer.set_metadata("writer", "tensorstream " + _core.__version__)
+        it = units
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(units, desc="writing store", unit="unit")
+        for u in it:
+            writer.begin_unit(u.name)
+            for p in u.params:
+                t = _cpu_contiguous(p.get().detach())
+                writer.add_tensor(p.store_name, TORCH_TO_ST[p.dtype], list(p.shape), t.data_ptr(), t.numel() * t.element_size())
+            writer.end_unit()
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
