@@ -159,7 +159,7 @@ impl Engine {
                 config.num_threads
             )));
         }
-        if config.chunk_bytes == 0 || config.chunk_bytes % CHECKSUM_CHUNK != 0 {
+        if config.chunk_bytes == 0 || !config.chunk_bytes.is_multiple_of(CHECKSUM_CHUNK) {
             return Err(Error::InvalidArgument(format!(
                 "chunk_bytes must be a nonzero multiple of {CHECKSUM_CHUNK}, got {}",
                 config.chunk_bytes
@@ -250,12 +250,29 @@ impl Engine {
             )));
         }
         for e in &layout.extents {
-            if e.file >= layout.files.len() || e.dest_offset + e.len > layout.buffer_len {
+            let inside = e
+                .dest_offset
+                .checked_add(e.len)
+                .is_some_and(|end| end <= layout.buffer_len);
+            if e.file >= layout.files.len() || !inside {
                 return Err(Error::InvalidArgument(format!(
                     "unit '{}' has an extent outside its buffer or files",
                     layout.name
                 )));
             }
+        }
+        // Workers write extents concurrently: overlapping ones would race on the buffer.
+        let mut spans: Vec<(u64, u64)> = layout
+            .extents
+            .iter()
+            .map(|e| (e.dest_offset, e.dest_offset + e.len))
+            .collect();
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' has extents that overlap in the destination buffer",
+                layout.name
+            )));
         }
         if let Some(c) = layout.checksum {
             let single = layout.extents.len() == 1
@@ -497,7 +514,10 @@ fn run_job(shared: &Shared, job: Job) {
             // ticket finishes, which cannot happen before this job completes; jobs of one
             // ticket cover disjoint ranges inside `buffer_len`, checked at submit.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, job.len as usize) };
-            shared.backend.read_into(&job.file, job.file_offset, dst).map_err(|e| e.with_unit(&t.unit))
+            shared
+                .backend
+                .read_into(&job.file, job.file_offset, dst)
+                .map_err(|e| e.with_unit(&t.unit))
         };
         if result.is_ok() {
             if let Some(exp) = t.expected {

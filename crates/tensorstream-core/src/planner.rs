@@ -387,6 +387,7 @@ impl ResidencyPlanner {
         if self.state[ui] != State::Absent {
             self.state[ui] = State::Absent;
             self.used -= self.sizes[ui];
+            self.stats.used = self.used;
         }
         self.in_use[ui] = 0;
         Ok(())

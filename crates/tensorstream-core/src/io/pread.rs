@@ -160,7 +160,7 @@ impl ReadBackend for PreadBackend {
         let mid_end = align_down(end, BLOCK).max(mid_start);
         let head = (mid_start - offset).min(len) as usize;
         let mid_ptr = dst.as_ptr() as u64 + head as u64;
-        if mid_ptr % BLOCK != 0 {
+        if !mid_ptr.is_multiple_of(BLOCK) {
             // The buffer's alignment differs from the file's: no direct read can land in it.
             return self.buffered(&f, path, offset, dst, true);
         }

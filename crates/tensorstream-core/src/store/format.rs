@@ -199,11 +199,18 @@ impl Manifest {
                     u.name, u.offset
                 )));
             }
-            let expect_padded = super::align_up(u.length, BLOCK);
-            if u.length == 0 || u.padded_length != expect_padded {
+            // Checked: a hostile length near 2^64 must not overflow the rounding.
+            let expect_padded = u
+                .length
+                .checked_add(BLOCK - 1)
+                .map(|x| super::align_down(x, BLOCK));
+            if u.length == 0 || Some(u.padded_length) != expect_padded {
                 return Err(bad(format!(
-                    "unit '{}' has length {} and padded length {}, expected a nonzero length padded to {expect_padded}",
-                    u.name, u.length, u.padded_length
+                    "unit '{}' has length {} and padded length {}, expected a nonzero length padded to a multiple of {BLOCK} ({})",
+                    u.name,
+                    u.length,
+                    u.padded_length,
+                    expect_padded.map_or("more than 2^64".to_string(), |p| p.to_string())
                 )));
             }
             let end = u.offset.checked_add(u.padded_length).filter(|&e| e <= data_end).ok_or_else(|| {

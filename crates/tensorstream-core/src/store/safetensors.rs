@@ -345,10 +345,10 @@ pub(crate) fn parse_header(path: &Path, file: usize, file_len: u64, json: &[u8])
         let offset = data_start
             .checked_add(offs[0])
             .ok_or_else(|| bad(format!("tensor '{name}' offset overflows")))?;
-        if offset + nbytes > file_len {
+        // Checked: hostile offsets near 2^64 must not wrap around to a small end.
+        if offset.checked_add(nbytes).is_none_or(|end| end > file_len) {
             return Err(bad(format!(
-                "tensor '{name}' spans {offset}..{}, past the end of the {file_len}-byte file",
-                offset + nbytes
+                "tensor '{name}' spans {offset}+{nbytes} bytes, past the end of the {file_len}-byte file"
             )));
         }
         out.push((

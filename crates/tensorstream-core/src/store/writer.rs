@@ -69,8 +69,8 @@ impl StoreWriter {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let (tmp_path, file) = loop {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let tmp_path = final_path
-                .with_file_name(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
+            let tmp_path =
+                final_path.with_file_name(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
