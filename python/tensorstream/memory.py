@@ -89,5 +89,31 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     return raw[off : off + nbytes]
 
 
+class _HostRegistration:
+    """Keeps a CPU buffer registered with CUDA (page-locked) for as long as it lives."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.ptr = ptr
+        rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+        self.ok = int(rc) == 0
+
+    def __del__(self):
+        if self.ok:
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            except Exception:
+                pass
+
+
+def pinned_empty(nbytes: int) -> tuple:
+    """A page-aligned uint8 CPU tensor registered with CUDA (pinned), and whether pinning
+    worked. Registering exactly `nbytes` avoids the caching host allocator's rounding up to a
+    power of two, which would pin up to twice the memory asked for."""
+    t = aligned_empty(nbytes)
+    reg = _HostRegistration(t.data_ptr(), nbytes)
+    t._tensorstream_pin = reg  # unregistered when the tensor goes
+    return t, reg.ok
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -33,7 +33,7 @@ from torch import nn
 from . import _core
 from .config import BackendType, Config
 from .errors import BudgetError, InvalidArgumentError, TensorStreamError
-from .memory import aligned_empty, available_ram, total_ram
+from .memory import aligned_empty, available_ram, pinned_empty, total_ram
 from .units import ST_TO_TORCH, UnitSpec
 
 log = logging.getLogger("tensorstream")
@@ -73,6 +73,31 @@ def set_memory_pressure_callback(fn: Optional[Callable[[MemoryPressureEvent], No
         if not callable(fn):
             raise InvalidArgumentError(f"memory pressure callback must be callable, got {fn!r}")
         _pressure_callbacks.append(fn)
+
+
+def _file_mappings() -> list:
+    """(start, end) of this process's file-backed memory mappings (Linux)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class SlotPool:
@@ -119,8 +144,8 @@ class StagingRing:
     """Pinned host buffers, allocated once, that disk reads land in before their copy to the
     GPU. A buffer is handed out again only after the event recorded after its copy completed."""
 
-    def __init__(self, count: int, nbytes: int):
-        self.buffers = [aligned_empty(nbytes, pin=True) for _ in range(count)]
+    def __init__(self, count: int, nbytes: int, alloc):
+        self.buffers = [alloc(nbytes) for _ in range(count)]
         self.events: list = [None] * count
         self.busy = [False] * count
         self.nbytes = nbytes
@@ -183,6 +208,10 @@ class Runtime:
         self.layouts = [store.layout(store.unit_index(u.name)) for u in units]
         self.unit_offsets = {name: off for (name, off, *_rest) in store.units()}
         self.sizes = [lay.buffer_len for lay in self.layouts]
+        self._slots = []
+        for u, lay in zip(units, self.layouts):
+            by_name = {t[0]: t for t in lay.tensors}
+            self._slots.append([(ST_TO_TORCH[by_name[p.store_name][1]], tuple(by_name[p.store_name][2]), by_name[p.store_name][3], by_name[p.store_name][4]) for p in u.params])
         self.device = device
         self.state = [_UnitState() for _ in units]
         self.counters = Counters()
@@ -204,6 +233,7 @@ class Runtime:
         self._hooks: list = []
         self._engine_backend = ""
         self._debug = config.debug_mode
+        self._cpu_fallback: Optional[str] = None
         if self._debug:
             logging.basicConfig()
             log.setLevel(logging.DEBUG)
@@ -212,6 +242,7 @@ class Runtime:
 
     def install(self) -> None:
         """Free the units' memory, set up streaming for the current device and install hooks."""
+        self._detach_resident_from_unit_storage()
         for u in self.units:
             self._unbind(u.index)
             for m in u.modules:
@@ -220,7 +251,34 @@ class Runtime:
             top = u.modules[0]
             top._apply = partial(self._unit_apply, top)  # instance attribute shadows nn.Module._apply
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
+        _trim_heap()
         self.configure()
+
+    def _detach_resident_from_unit_storage(self) -> None:
+        """Give resident tensors their own memory where they live in the same file mapping as
+        streamed ones. transformers loads a checkpoint with mmap: a resident embedding viewing
+        that mapping keeps the whole file mapped, and every page the store writer touched in
+        RSS, after the units are gone."""
+        maps = _file_mappings()
+        if not maps:
+            return
+
+        def mapping_of(ptr: int):
+            for lo, hi in maps:
+                if lo <= ptr < hi:
+                    return (lo, hi)
+            return None
+
+        shared = {mapping_of(p.get().data_ptr()) for u in self.units for p in u.params} - {None}
+        if not shared:
+            return
+        streamed_ids = {id(p.get()) for u in self.units for p in u.params}
+        for mod in self.model.modules():
+            for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+                if t is None or id(t) in streamed_ids or t.device.type != "cpu" or t.numel() == 0:
+                    continue
+                if mapping_of(t.data_ptr()) in shared:
+                    t.data = t.data.clone()
 
     def _placeholder(self, dtype: torch.dtype, device: torch.device, shape: tuple) -> torch.Tensor:
         """A one-element tensor expanded to `shape`: right dtype, device and shape, no memory."""
@@ -236,13 +294,9 @@ class Runtime:
             p.get().data = self._placeholder(p.dtype, self.device, p.shape)
 
     def _bind(self, i: int, buf: torch.Tensor, base_offset: int = 0) -> None:
-        u = self.units[i]
-        by_name = {t[0]: t for t in self.layouts[i].tensors}
-        for p in u.params:
-            _name, dtype, shape, off, nbytes = by_name[p.store_name]
+        for p, (dtype, shape, off, nbytes) in zip(self.units[i].params, self._slots[i]):
             start = base_offset + off
-            view = buf[start : start + nbytes].view(ST_TO_TORCH[dtype]).view(tuple(shape))
-            p.get().data = view
+            p.get().data = buf[start : start + nbytes].view(dtype).view(shape)
 
     def _resident_module_bytes(self) -> int:
         streamed = {id(p.get()) for u in self.units for p in u.params}
@@ -260,6 +314,7 @@ class Runtime:
         cfg = self.config
         dev = self.device
         self.resident_bytes = self._resident_module_bytes()
+        self._cpu_fallback = None
         requested = cfg.backend
         if dev.type == "cuda":
             mode = "cuda"
@@ -269,7 +324,12 @@ class Runtime:
             default_budget = int(torch.cuda.mem_get_info(dev)[0] * 0.8)
         elif dev.type == "cpu":
             if requested in (BackendType.CUDA, BackendType.GPUDIRECT):
-                self._fallback(f"backend {requested.value!r} needs the model on a CUDA device; it is on CPU, so units are read with O_DIRECT pread")
+                # Offloading on CPU and then calling model.to("cuda") is the usual order, so
+                # this is only a fallback if a forward actually runs on CPU.
+                self._cpu_fallback = (
+                    f"backend {requested.value!r} needs the model on a CUDA device; it runs on CPU, "
+                    "so units are read with O_DIRECT pread"
+                )
                 mode = "cpu-pread"
             elif requested == BackendType.MMAP:
                 mode = "cpu-mmap"
@@ -313,6 +373,15 @@ class Runtime:
             self.counters.fallbacks.append(msg)
             warnings.warn("TensorStream: " + msg, RuntimeWarning, stacklevel=3)
 
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        """Pinned host memory, or pageable memory with a visible warning if pinning fails."""
+        t, ok = pinned_empty(nbytes)
+        if ok:
+            self.pinned_bytes += nbytes
+        else:
+            self._fallback("cudaHostRegister failed; host buffers are pageable, so copies to the GPU run about 8x slower")
+        return t
+
     def _probe_gds(self) -> None:
         """GPUDirect Storage needs cuFile to register the file. Probe it and say what happens."""
         reason = None
@@ -341,8 +410,7 @@ class Runtime:
                 room -= size
         self.host_cache_limit = want
         if len(self.host_plan) < len(self.units):
-            self.ring = StagingRing(3, max(self.sizes))
-            self.pinned_bytes = 3 * max(self.sizes)
+            self.ring = StagingRing(3, max(self.sizes), self._pinned)
 
     def _map_store(self) -> None:
         fd = os.open(self.store.path, os.O_RDONLY)
@@ -410,6 +478,8 @@ class Runtime:
     def _root_pre(self, _module, _args):
         if self.mode is None:
             self.configure()
+        if self._cpu_fallback and self.device.type == "cpu":
+            self._fallback(self._cpu_fallback)
         self.planner.begin_pass()
         self.counters.passes += 1
 
@@ -497,9 +567,8 @@ class Runtime:
         if i in self.host_plan:
             host = self.host_cache.get(i)
             if host is None:
-                host = aligned_empty(self.sizes[i], pin=True)
+                host = self._pinned(self.sizes[i])
                 self.host_cache[i] = host
-                self.pinned_bytes += host.numel()
         else:
             k = self.ring.acquire()
             st.staging = k

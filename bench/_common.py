@@ -1,0 +1,101 @@
+"""Shared helpers of the benchmark scripts: model builders, timing, table printing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} cores ({cpu}), {ram:.0f} GiB RAM{gpu}, torch {torch.__version__}"
+
+
+def llama_config(hidden: int, intermediate: int, layers: int, heads: int, vocab: int = 32000, kv_heads=None):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+
+
+def build_llama(cfg, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    """A Llama-architecture model with seeded random weights, built directly in `dtype`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_generate(model, ids: torch.Tensor, new_tokens: int):
+    """(tokens per second of generated tokens, output ids) for one greedy generate()."""
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    sync()
+    dt = time.perf_counter() - t0
+    return ids.shape[0] * new_tokens / dt, out
+
+
+def print_table(title: str, header: list, rows: list) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(x) for x in r) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def drop_caches(paths) -> None:
+    from tensorstream import _core
+
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, files in os.walk(p):
+                for f in files:
+                    _core.drop_page_cache(os.path.join(root, f))
+        elif os.path.exists(p):
+            _core.drop_page_cache(p)
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"

@@ -1,0 +1,163 @@
+"""GPU streaming benchmark: a 7 GB bf16 Llama-architecture model at a 3 GiB VRAM budget.
+
+Prints one table: the pinned host-to-device bandwidth measured in this run; tokens/s at
+batch 1 (32-token prompt, 32 new tokens) fully on the GPU, with TensorStream
+(vram_budget_gb=3) and with Accelerate (device_map="auto", max_memory={0: "3GiB", "cpu":
+"100GiB"}); the bytes TensorStream streams per token; the link limit (streamed bytes per
+token / measured bandwidth) and TensorStream's share of it; tokens/s at batch 16.
+
+Usage: python bench/gpu_stream.py [--layers 16] [--workdir DIR] [--skip-accelerate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import build_llama, llama_config, machine, print_table, sync, time_generate  # noqa: E402
+
+
+def pinned_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    sync()
+    bw = nbytes * reps / (time.perf_counter() - t0)
+    del src, dst
+    return bw
+
+
+def free_cuda():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--budget-gb", type=float, default=3.0)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch16-tokens", type=int, default=8)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--skip-accelerate", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gpu_stream.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import tensorstream as ts
+    from transformers import AutoModelForCausalLM
+
+    work = args.workdir or tempfile.mkdtemp(prefix="ts-gpu-bench-")
+    ckpt = os.path.join(work, "ckpt")
+    store_dir = os.path.join(work, "store")
+    cfg = llama_config(args.hidden, args.intermediate, args.layers, 32)
+    torch.manual_seed(1234)
+    prompt1 = torch.randint(0, cfg.vocab_size, (1, 32))
+    prompt16 = torch.randint(0, cfg.vocab_size, (16, 32))
+    results = {}
+    print(f"machine: {machine()}", flush=True)
+
+    bw = pinned_bandwidth()
+    print(f"pinned H2D: {bw / 1e9:.1f} GB/s", flush=True)
+
+    # 1. Fully on the GPU.
+    t0 = time.perf_counter()
+    model = build_llama(cfg, torch.bfloat16, device="cuda")
+    model_bytes = ts.estimate_model_memory(model)
+    print(f"built {model_bytes / 1e9:.2f} GB model in {time.perf_counter() - t0:.1f}s", flush=True)
+    time_generate(model, prompt1.cuda(), 4)
+    results["gpu_b1"], ref1 = time_generate(model, prompt1.cuda(), args.new_tokens)
+    results["gpu_b16"], ref16 = time_generate(model, prompt16.cuda(), args.batch16_tokens)
+    print(f"full GPU: {results['gpu_b1']:.2f} tok/s batch 1, {results['gpu_b16']:.1f} tok/s batch 16", flush=True)
+    t0 = time.perf_counter()
+    model.save_pretrained(ckpt)
+    print(f"saved checkpoint in {time.perf_counter() - t0:.1f}s", flush=True)
+    del model
+    free_cuda()
+
+    # 2. TensorStream at the budget.
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    model = ts.offload(model, ts.Config(store_dir, vram_budget_gb=args.budget_gb))
+    model.to("cuda")
+    print(f"TensorStream offload (store written) in {time.perf_counter() - t0:.1f}s", flush=True)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    time_generate(model, prompt1.cuda(), 2)  # first pass: reads the disk, fills the host tier
+    print(f"TensorStream first generate (cold, 2 tokens): {time.perf_counter() - t0:.1f}s", flush=True)
+    s0 = ts.get_model_statistics(model)
+    results["ts_b1"], out1 = time_generate(model, prompt1.cuda(), args.new_tokens)
+    s1 = ts.get_model_statistics(model)
+    passes = s1["forward_passes"] - s0["forward_passes"]
+    streamed_per_pass = (s1["bytes_h2d"] - s0["bytes_h2d"]) / max(passes, 1)
+    results["ts_b16"], out16 = time_generate(model, prompt16.cuda(), args.batch16_tokens)
+    same1 = torch.equal(out1.cpu(), ref1.cpu())
+    same16 = torch.equal(out16.cpu(), ref16.cpu())
+    stats = ts.get_model_statistics(model)
+    peak_alloc = torch.cuda.max_memory_allocated()
+    print(f"TensorStream: {results['ts_b1']:.2f} tok/s batch 1, {results['ts_b16']:.1f} batch 16; identical tokens: {same1} / {same16}", flush=True)
+    print(
+        f"  stats: backend={stats['backend']} kept={stats['kept_layers']}/{stats['units']} "
+        f"peak_usage={stats['peak_usage_bytes'] / 2**30:.2f} GiB of {stats['budget_gb']:.2f}; "
+        f"torch max_memory_allocated={peak_alloc / 2**30:.2f} GiB; pinned host={stats['pinned_host_bytes'] / 2**30:.1f} GiB; "
+        f"fallbacks={stats['fallbacks']}",
+        flush=True,
+    )
+    del model
+    free_cuda()
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+    # 3. Accelerate at the same budget.
+    if not args.skip_accelerate:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt, dtype=torch.bfloat16, device_map="auto", max_memory={0: f"{args.budget_gb:g}GiB", "cpu": "100GiB"}
+        ).eval()
+        print(f"Accelerate load in {time.perf_counter() - t0:.1f}s", flush=True)
+        time_generate(model, prompt1.cuda(), 2)
+        results["acc_b1"], acc1 = time_generate(model, prompt1.cuda(), args.new_tokens)
+        results["acc_b16"], acc16 = time_generate(model, prompt16.cuda(), args.batch16_tokens)
+        print(f"Accelerate: {results['acc_b1']:.2f} tok/s batch 1, {results['acc_b16']:.1f} batch 16", flush=True)
+        del model
+        free_cuda()
+    shutil.rmtree(work, ignore_errors=True)
+
+    limit_s = streamed_per_pass / bw
+    limit_tps = 1 / limit_s if limit_s > 0 else float("inf")
+    acc1 = results.get("acc_b1")
+    acc16 = results.get("acc_b16")
+    rows = [
+        ["pinned host-to-device bandwidth (measured)", f"{bw / 1e9:.1f} GB/s", ""],
+        ["model (bf16, all layers)", f"{model_bytes / 1e9:.2f} GB", f"{args.layers} layers"],
+        ["batch 1, fully on the GPU", f"{results['gpu_b1']:.2f} tok/s", "reference"],
+        ["batch 1, TensorStream, vram_budget_gb=3", f"{results['ts_b1']:.2f} tok/s", f"tokens identical: {same1}"],
+        ["batch 1, Accelerate, max_memory 3GiB", f"{acc1:.2f} tok/s" if acc1 else "skipped", ""],
+        ["TensorStream / Accelerate, batch 1", f"{results['ts_b1'] / acc1:.1f}x" if acc1 else "", ""],
+        ["bytes streamed per token (TensorStream)", f"{streamed_per_pass / 1e9:.2f} GB", f"{stats['kept_layers']} of {stats['units']} layers kept on GPU"],
+        ["link limit = streamed bytes / bandwidth", f"{limit_tps:.2f} tok/s", f"{limit_s * 1e3:.1f} ms per token"],
+        ["TensorStream share of the link limit", f"{100 * results['ts_b1'] / limit_tps:.0f}%", ""],
+        ["batch 16, fully on the GPU", f"{results['gpu_b16']:.1f} tok/s", ""],
+        ["batch 16, TensorStream", f"{results['ts_b16']:.1f} tok/s", f"tokens identical: {same16}"],
+        ["batch 16, Accelerate", f"{acc16:.1f} tok/s" if acc16 else "skipped", ""],
+    ]
+    print()
+    print_table(f"GPU streaming, {machine()}", ["what", "figure", "note"], rows)
+    return 0 if (same1 and same16) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
