@@ -977,6 +977,15 @@ fn dropped_writer_leaves_nothing() {
         "the temporary file is written next to the target"
     );
     assert_eq!(tmp.parent(), target.parent());
+    // The contract with stale-file cleaners (python/tensorstream/offload.py): the name is
+    // `.<target>.tmp-...-<pid>`, the writer's pid last.
+    let name = tmp.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with(".m.tstore.tmp-"), "{name}");
+    assert_eq!(
+        name.rsplit('-').next().unwrap(),
+        std::process::id().to_string(),
+        "{name}"
+    );
     w.begin_unit("a").unwrap();
     w.add_tensor("x", DType::U8, &[10], &[1; 10]).unwrap();
     w.end_unit().unwrap();

@@ -65,12 +65,13 @@ impl StoreWriter {
             .into_owned();
         // A name no other writer uses: two writers for one target, in this process or in
         // another one with the same pid (containers sharing a filesystem), must not share
-        // (and truncate, or delete) each other's temporary file.
+        // (and truncate, or delete) each other's temporary file. The pid stays the last
+        // '-'-separated field: stale-file cleaners parse it to see if the writer is alive.
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let (tmp_path, file) = loop {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let tmp_path =
-                final_path.with_file_name(format!(".{file_name}.tmp-{}-{n}", std::process::id()));
+                final_path.with_file_name(format!(".{file_name}.tmp-{n}-{}", std::process::id()));
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
