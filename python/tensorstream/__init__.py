@@ -20,6 +20,7 @@ from .errors import (
     StreamIOError,
     TensorStreamError,
 )
+from .hf import convert, from_pretrained
 from .offload import offload, runtime_of
 from .runtime import MemoryPressureEvent, set_memory_pressure_callback
 
@@ -50,6 +51,8 @@ __all__ = [
     "PrefetchStrategy",
     "MemoryPressureMode",
     "offload",
+    "from_pretrained",
+    "convert",
     "get_model_statistics",
     "create_default_config",
     "estimate_model_memory",

@@ -15,6 +15,7 @@ from . import _core
 from .config import Config
 from .errors import InvalidArgumentError, StoreMismatchError, TensorStreamError
 from .runtime import Runtime
+from .sources import StoreSource
 from .units import analyse, fingerprint, write_store
 
 log = logging.getLogger("tensorstream")
@@ -90,7 +91,7 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
             "blocks holding parameters; name them with Config(units=[...])"
         )
     store = open_or_write_store(model, units, config)
-    runtime = Runtime(model, units, store, config, _model_device(model))
+    runtime = Runtime(model, units, StoreSource(store), config, _model_device(model))
     runtime.install()
     model._tensorstream = runtime
     return model

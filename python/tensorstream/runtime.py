@@ -32,9 +32,9 @@ from torch import nn
 
 from . import _core
 from .config import BackendType, Config
-from .errors import BudgetError, InvalidArgumentError, TensorStreamError
+from .errors import BudgetError, InvalidArgumentError, StoreMismatchError, TensorStreamError
 from .memory import aligned_empty, available_ram, pinned_empty, total_ram
-from .units import ST_TO_TORCH, UnitSpec
+from .units import ST_TO_TORCH, UnitSpec, _itemsize, _numel
 
 log = logging.getLogger("tensorstream")
 
@@ -181,6 +181,7 @@ class _UnitState:
     staging: Optional[int] = None
     ready_event: object = None
     verified: bool = False
+    needs_convert: bool = False
 
 
 @dataclass
@@ -200,18 +201,37 @@ class Counters:
 class Runtime:
     """Per-model streaming state, attached to the model as ``model._tensorstream``."""
 
-    def __init__(self, model: nn.Module, units: list, store: "_core.Store", config: Config, device: torch.device):
+    def __init__(self, model: nn.Module, units: list, source, config: Config, device: torch.device):
         self.model = model
         self.units: list[UnitSpec] = units
-        self.store = store
+        self.source = source
         self.config = config
-        self.layouts = [store.layout(store.unit_index(u.name)) for u in units]
-        self.unit_offsets = {name: off for (name, off, *_rest) in store.units()}
-        self.sizes = [lay.buffer_len for lay in self.layouts]
+        self.layouts = source.layouts(units)
+        self.read_len = [lay.buffer_len for lay in self.layouts]
+        # Per parameter: (stored dtype, shape, offset, nbytes, converted offset or None, dtype).
+        # A unit whose stored dtype differs from the model's is converted into the tail of
+        # its own slot, so conversion costs no allocation outside the budget.
         self._slots = []
+        self.sizes = []
         for u, lay in zip(units, self.layouts):
             by_name = {t[0]: t for t in lay.tensors}
-            self._slots.append([(ST_TO_TORCH[by_name[p.store_name][1]], tuple(by_name[p.store_name][2]), by_name[p.store_name][3], by_name[p.store_name][4]) for p in u.params])
+            entries, tail = [], lay.buffer_len
+            for p in u.params:
+                _n, st_dtype, shape, off, nbytes = by_name[p.store_name]
+                stored = ST_TO_TORCH[st_dtype]
+                if tuple(shape) != tuple(p.shape):
+                    raise StoreMismatchError(
+                        f"{source.path}: tensor {p.store_name!r} of unit {u.name!r} has shape {tuple(shape)}, "
+                        f"the model expects {tuple(p.shape)}"
+                    )
+                conv = None
+                if stored != p.dtype:
+                    tail = (tail + 255) // 256 * 256
+                    conv = tail
+                    tail += _numel(p.shape) * torch.empty((), dtype=p.dtype).element_size()
+                entries.append((stored, tuple(shape), off, nbytes, conv, p.dtype))
+            self._slots.append(entries)
+            self.sizes.append((tail + 4095) // 4096 * 4096)
         self.device = device
         self.state = [_UnitState() for _ in units]
         self.counters = Counters()
@@ -293,10 +313,16 @@ class Runtime:
         for p in self.units[i].params:
             p.get().data = self._placeholder(p.dtype, self.device, p.shape)
 
-    def _bind(self, i: int, buf: torch.Tensor, base_offset: int = 0) -> None:
-        for p, (dtype, shape, off, nbytes) in zip(self.units[i].params, self._slots[i]):
+    def _bind(self, i: int, buf: torch.Tensor, base_offset: int = 0, convert: bool = False) -> None:
+        for p, (stored, shape, off, nbytes, conv, dtype) in zip(self.units[i].params, self._slots[i]):
             start = base_offset + off
-            p.get().data = buf[start : start + nbytes].view(dtype).view(shape)
+            view = buf[start : start + nbytes].view(stored).view(shape)
+            if conv is not None:
+                out = buf[conv : conv + view.numel() * _itemsize(dtype)].view(dtype).view(shape)
+                if convert:
+                    out.copy_(view)
+                view = out
+            p.get().data = view
 
     def _resident_module_bytes(self) -> int:
         streamed = {id(p.get()) for u in self.units for p in u.params}
@@ -331,13 +357,15 @@ class Runtime:
                     "so units are read with O_DIRECT pread"
                 )
                 mode = "cpu-pread"
-            elif requested == BackendType.MMAP:
+            elif requested == BackendType.MMAP and self.source.zero_copy:
                 mode = "cpu-mmap"
+            elif requested == BackendType.MMAP:
+                mode = "cpu-pread"  # reads through the page cache into budgeted buffers
             elif requested == BackendType.PREAD:
                 mode = "cpu-pread"
             else:
-                mode = "cpu-mmap" if self.store.file_len < 0.5 * available_ram() else "cpu-pread"
-            engine_backend = "pread_direct"
+                mode = "cpu-mmap" if self.source.zero_copy and self.source.file_len < 0.5 * available_ram() else "cpu-pread"
+            engine_backend = "mmap" if requested == BackendType.MMAP else "pread_direct"
             default_budget = max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
         else:
             raise InvalidArgumentError(f"device {dev} is not supported; TensorStream streams to CPU or CUDA devices")
@@ -388,7 +416,7 @@ class Runtime:
         try:
             from torch.cuda import gds  # noqa: F401
 
-            f = gds.GdsFile(self.store.path, os.O_RDONLY)
+            f = gds.GdsFile(self.source.files[0], os.O_RDONLY)
             del f
             reason = "GPUDirect Storage registered the store, but direct reads are not implemented in this version"
         except Exception as e:  # noqa: BLE001 - any failure means no GDS here
@@ -404,16 +432,16 @@ class Runtime:
             want = cap
         room = want
         self.host_plan = set()
-        for i, size in enumerate(self.sizes):
+        for i, size in enumerate(self.read_len):
             if size <= room:
                 self.host_plan.add(i)
                 room -= size
         self.host_cache_limit = want
         if len(self.host_plan) < len(self.units):
-            self.ring = StagingRing(3, max(self.sizes), self._pinned)
+            self.ring = StagingRing(3, max(self.read_len), self._pinned)
 
     def _map_store(self) -> None:
-        fd = os.open(self.store.path, os.O_RDONLY)
+        fd = os.open(self.source.path, os.O_RDONLY)
         try:
             self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         finally:
@@ -422,7 +450,7 @@ class Runtime:
             warnings.simplefilter("ignore")
             self._map_base = torch.frombuffer(self._map, dtype=torch.uint8)
         for u in self.units:
-            self._bind(u.index, self._map_base, self.unit_offsets[u.name])
+            self._bind(u.index, self._map_base, self.source.unit_offsets[u.name])
 
     def _teardown(self) -> None:
         """Drop every loaded unit and buffer (device change, reconfiguration)."""
@@ -552,11 +580,12 @@ class Runtime:
         lay = self.layouts[i]
         if self.mode == "cpu-mmap":
             layout = lay if not st.verified else lay.without_checksum()
-            ptr = self._map_base.data_ptr() + self.unit_offsets[self.units[i].name]
+            ptr = self._map_base.data_ptr() + self.source.unit_offsets[self.units[i].name]
             st.ticket = self.engine.submit_populate(layout, ptr, demand, self._map_base)
             return
         buf, ev = self.pool.take(self.sizes[i])
         st.slot, st.slot_event = buf, ev
+        st.needs_convert = any(e[4] is not None for e in self._slots[i])
         if self.mode == "cpu-pread":
             st.ticket = self.engine.submit(lay, buf.data_ptr(), buf.numel(), demand, buf)
             return
@@ -567,17 +596,17 @@ class Runtime:
         if i in self.host_plan:
             host = self.host_cache.get(i)
             if host is None:
-                host = self._pinned(self.sizes[i])
+                host = self._pinned(self.read_len[i])
                 self.host_cache[i] = host
         else:
             k = self.ring.acquire()
             st.staging = k
             host = self.ring.buffers[k]
-        st.ticket = self.engine.submit(lay, host.data_ptr(), self.sizes[i], demand, host)
+        st.ticket = self.engine.submit(lay, host.data_ptr(), self.read_len[i], demand, host)
 
     def _h2d(self, i: int, host: torch.Tensor) -> None:
         st = self.state[i]
-        n = self.sizes[i]
+        n = self.read_len[i]
         with torch.cuda.stream(self.copy_stream):
             if st.slot_event is not None:
                 self.copy_stream.wait_event(st.slot_event)
@@ -625,7 +654,8 @@ class Runtime:
         if self.mode == "cuda":
             if st.ready_event is not None:
                 torch.cuda.current_stream(self.device).wait_event(st.ready_event)
-        self._bind(i, st.slot)
+        self._bind(i, st.slot, convert=st.needs_convert)
+        st.needs_convert = False
 
     def _poll_cuda_except(self, i: int) -> None:
         for v, st in enumerate(self.state):
@@ -652,7 +682,7 @@ class Runtime:
         st = self.state[i]
         self._cancel(i)
         if self.mode == "cpu-mmap":
-            off = self.unit_offsets[self.units[i].name]
+            off = self.source.unit_offsets[self.units[i].name]
             self._map.madvise(MADV_DONTNEED, off, self.sizes[i])
             return
         self._unbind(i)
@@ -724,7 +754,8 @@ class Runtime:
             "forward_passes": c.passes,
             "errors": c.errors,
             "buffered_fallback_bytes": es.get("buffered_fallback_bytes", 0),
-            "store_path": self.store.path,
+            "store_path": self.source.path,
+            "source": self.source.kind,
             "planner": ps,
             "engine": es,
         }

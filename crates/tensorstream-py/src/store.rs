@@ -89,6 +89,11 @@ impl PyStoreWriter {
         Ok(())
     }
 
+    fn set_fingerprint(&mut self, fingerprint: &str) -> PyResult<()> {
+        self.w()?.set_fingerprint(fingerprint);
+        Ok(())
+    }
+
     fn begin_unit(&mut self, name: &str) -> PyResult<()> {
         self.w()?.begin_unit(name).py()
     }

@@ -98,6 +98,12 @@ impl StoreWriter {
         Ok(w)
     }
 
+    /// Replace the fingerprint, for writers that learn it while writing (a conversion
+    /// hashes the tensors as it copies them).
+    pub fn set_fingerprint(&mut self, fingerprint: &str) {
+        self.fingerprint = fingerprint.to_string();
+    }
+
     /// Record a free-form metadata entry in the manifest.
     pub fn set_metadata(&mut self, key: &str, value: &str) {
         self.metadata.insert(key.to_string(), value.to_string());

@@ -1,0 +1,254 @@
+"""Hugging Face integration: load a checkpoint without ever materialising the streamed
+layers (`from_pretrained`), and convert a checkpoint into an aligned store (`convert`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _core
+from .config import Config
+from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
+from .runtime import Runtime
+from .sources import CheckpointSource, StoreSource
+from .units import TORCH_TO_ST, ST_TO_TORCH, analyse
+
+
+def resolve_checkpoint(name_or_path: str) -> str:
+    """A local directory, or a hub id found in the local Hugging Face cache. Never downloads."""
+    if os.path.isdir(name_or_path) or os.path.isfile(name_or_path):
+        return str(name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(str(name_or_path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InvalidArgumentError(
+            f"{name_or_path!r} is not a local path, and it is not in the local Hugging Face cache "
+            f"({type(e).__name__}). TensorStream never downloads: fetch the checkpoint first "
+            "(for example with `huggingface-cli download`) or pass a local directory."
+        ) from None
+
+
+def _skeleton(path: str, auto_class, dtype: Optional[torch.dtype], trust_remote_code: bool = False) -> nn.Module:
+    """The model with its parameters on the meta device (no memory), buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    cls = auto_class or AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _checkpoint_name(model: nn.Module, name: str, available) -> Optional[str]:
+    if name in available:
+        return name
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in available:
+        return name[len(prefix) + 1 :]
+    if prefix and f"{prefix}.{name}" in available:
+        return f"{prefix}.{name}"
+    return None
+
+
+def _map_units_to_checkpoint(model, units, available) -> None:
+    """Point each streamed parameter at its checkpoint tensor name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for u in units:
+        for p in u.params:
+            full = f"{names[id(p.module)]}.{p.attr}" if names.get(id(p.module)) else p.attr
+            ck = _checkpoint_name(model, full, available)
+            if ck is None:
+                raise StoreMismatchError(f"checkpoint has no tensor for {full!r} (unit {u.name!r})")
+            p.store_name = ck
+
+
+def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set, dtype_of) -> None:
+    """Materialise every parameter and buffer that is not streamed, from the checkpoint."""
+    from safetensors import safe_open
+
+    available = path_view.tensors
+    by_file: dict = {}
+    todo = []
+    for mod_name, mod in model.named_modules():
+        for attr, t in list(mod._parameters.items()):
+            if t is None or id(t) in streamed or t.device.type != "meta":
+                continue
+            full = f"{mod_name}.{attr}" if mod_name else attr
+            ck = _checkpoint_name(model, full, available)
+            todo.append((mod, attr, full, ck, t))
+            if ck is not None:
+                by_file.setdefault(available[ck][2], []).append(ck)
+    missing = []
+    loaded: dict = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for ck in names:
+                loaded[ck] = f.get_tensor(ck)
+    for mod, attr, full, ck, t in todo:
+        if ck is None:
+            missing.append(full)
+            continue
+        value = loaded[ck].to(t.dtype)
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in streamed]
+    if still_meta:
+        raise StoreMismatchError(f"checkpoint {path_view.path} lacks {len(still_meta)} tensor(s) the model needs: {still_meta[:5]}")
+
+
+def from_pretrained(
+    name_or_path: str,
+    config: Config,
+    *,
+    auto_class=None,
+    dtype: Optional[torch.dtype] = None,
+    store: Optional[str] = None,
+    device: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a Hugging Face checkpoint for streaming, never materialising the streamed layers.
+
+    The model skeleton is built on the meta device; only the modules that are not streamed
+    (embeddings, norms, head) are read into memory. The layers are streamed from the
+    checkpoint's safetensors files where they lie (sharded or not, no conversion), or from a
+    store made by :func:`convert` when `store` is given (or found under
+    `config.storage_path` for this checkpoint). A checkpoint dtype different from `dtype` is
+    converted on the fly, into the layer's own budgeted buffer.
+    """
+    path = resolve_checkpoint(name_or_path)
+    model = _skeleton(path, auto_class, dtype, trust_remote_code)
+    units = analyse(model, config.units)
+    if not units:
+        raise InvalidArgumentError(f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])")
+    ckpt = CheckpointSource(path)
+    _map_units_to_checkpoint(model, units, ckpt.tensors)
+    streamed = {id(p.get()) for u in units for p in u.params}
+    _load_resident(model, ckpt, streamed, None)
+    # Streamed parameters leave the meta device for placeholders of their final shape.
+    for u in units:
+        for p in u.params:
+            p.module._parameters[p.attr] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+    store_path = store or _find_store(config, model, path)
+    if store_path:
+        st = _core.Store(str(store_path))
+        source = StoreSource(st)
+        for u in units:  # stores name tensors relative to their unit
+            prefix = u.name + "."
+            for p in u.params:
+                p.store_name = p.store_name[len(prefix) :] if p.store_name.startswith(prefix) else p.store_name
+    else:
+        source = ckpt
+    runtime = Runtime(model, units, source, config, torch.device("cpu"))
+    runtime.install()
+    model._tensorstream = runtime
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def _checkpoint_id(path: str) -> str:
+    """Identity of a checkpoint's files: names, sizes and safetensors headers."""
+    h = hashlib.sha256()
+    for f in CheckpointSource(path).files:
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100 << 20)))
+    return h.hexdigest()[:32]
+
+
+def _find_store(config: Config, model: nn.Module, path: str) -> Optional[str]:
+    cand = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
+    if not cand.exists():
+        return None
+    try:
+        st = _core.Store(str(cand))
+    except StoreCorruptedError:
+        return None
+    return str(cand) if st.metadata.get("source_checkpoint_id") == _checkpoint_id(path) else None
+
+
+def convert(
+    checkpoint: str,
+    store: str,
+    *,
+    config: Optional[Config] = None,
+    auto_class=None,
+    dtype: Optional[torch.dtype] = None,
+    progress: bool = True,
+) -> str:
+    """Write an aligned, checksummed store from a safetensors checkpoint, tensor by tensor
+    (constant memory), atomically. `store` is a file path or a directory (then the file is
+    ``<ModelClass>.tstore`` inside it). Returns the store's path."""
+    from safetensors import safe_open
+
+    path = resolve_checkpoint(checkpoint)
+    model = _skeleton(path, auto_class, dtype)
+    units = analyse(model, config.units if config else None)
+    ckpt = CheckpointSource(path)
+    _map_units_to_checkpoint(model, units, ckpt.tensors)
+    out = Path(store)
+    if out.is_dir() or not out.suffix:
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / f"{type(model).__name__}.tstore"
+    total = sum(ckpt.tensors[p.store_name][4] for u in units for p in u.params)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}")
+    fp = hashlib.sha256()
+    fp.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
+    writer = _core.StoreWriter(str(out), "pending")
+    handles: dict = {}
+    try:
+        for u in units:
+            writer.begin_unit(u.name)
+            fp.update(f"|unit:{u.name}".encode())
+            prefix = u.name + "."
+            for p in u.params:
+                file = ckpt.tensors[p.store_name][2]
+                f = handles.get(file)
+                if f is None:
+                    handles.clear()  # one shard open at a time keeps the mapping small
+                    f = handles[file] = safe_open(file, framework="pt")
+                t = f.get_tensor(p.store_name).to(p.dtype).contiguous()
+                rel = p.store_name[len(prefix) :] if p.store_name.startswith(prefix) else p.store_name
+                nbytes = t.numel() * t.element_size()
+                writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), t.data_ptr(), nbytes)
+                digest = _core.checksum(t.data_ptr(), nbytes)
+                fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
+                if bar:
+                    bar.update(ckpt.tensors[p.store_name][4])
+                del t
+            writer.end_unit()
+        handles.clear()
+        writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
+        writer.set_metadata("source_checkpoint_id", _checkpoint_id(path))
+        writer.set_metadata("writer", "tensorstream convert " + _core.__version__)
+        writer.set_fingerprint(fp.hexdigest()[:32])
+        result = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+    return result
+
+
+__all__ = ["from_pretrained", "convert", "resolve_checkpoint", "ST_TO_TORCH"]
