@@ -16,7 +16,7 @@ from .config import Config
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
-from .units import TORCH_TO_ST, ST_TO_TORCH, analyse
+from .units import ST_TO_TORCH, TORCH_TO_ST, analyse
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -54,6 +54,8 @@ def _skeleton(path: str, auto_class, dtype: Optional[torch.dtype], trust_remote_
 def _checkpoint_name(model: nn.Module, name: str, available) -> Optional[str]:
     if name in available:
         return name
+    if ".mlp." in name and name.replace(".mlp.", ".block_sparse_moe.") in available:
+        return name.replace(".mlp.", ".block_sparse_moe.")
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in available:
         return name[len(prefix) + 1 :]
@@ -62,15 +64,36 @@ def _checkpoint_name(model: nn.Module, name: str, available) -> Optional[str]:
     return None
 
 
+def _fused_sources(model: nn.Module, full: str, shape: tuple, available) -> Optional[list]:
+    """Checkpoint tensors that transformers fuses into one parameter on load, in memory
+    order: a mixture of experts stored per expert (``experts.{e}.w1/w3`` into
+    ``experts.gate_up_proj`` [E, 2I, H], ``experts.{e}.w2`` into ``experts.down_proj``)."""
+    for target, pieces in ((".experts.gate_up_proj", ("w1", "w3")), (".experts.down_proj", ("w2",))):
+        if not full.endswith(target):
+            continue
+        base = full[: -len(target)]
+        for old in (base, base.replace(".mlp", ".block_sparse_moe")):
+            names = [f"{old}.experts.{e}.{w}.weight" for e in range(shape[0]) for w in pieces]
+            found = [_checkpoint_name(model, n, available) for n in names]
+            if all(found):
+                return found
+    return None
+
+
 def _map_units_to_checkpoint(model, units, available) -> None:
-    """Point each streamed parameter at its checkpoint tensor name."""
+    """Point each streamed parameter at its checkpoint tensor name (or names, when
+    transformers fuses several checkpoint tensors into one parameter)."""
     names = {id(m): n for n, m in model.named_modules()}
     for u in units:
         for p in u.params:
             full = f"{names[id(p.module)]}.{p.attr}" if names.get(id(p.module)) else p.attr
             ck = _checkpoint_name(model, full, available)
             if ck is None:
-                raise StoreMismatchError(f"checkpoint has no tensor for {full!r} (unit {u.name!r})")
+                fused = _fused_sources(model, full, p.shape, available)
+                if fused is None:
+                    raise StoreMismatchError(f"checkpoint has no tensor for {full!r} (unit {u.name!r})")
+                p.sources = fused
+                ck = full
             p.store_name = ck
 
 
@@ -146,9 +169,9 @@ def from_pretrained(
         st = _core.Store(str(store_path))
         source = StoreSource(st)
         for u in units:  # stores name tensors relative to their unit
-            prefix = u.name + "."
             for p in u.params:
-                p.store_name = p.store_name[len(prefix) :] if p.store_name.startswith(prefix) else p.store_name
+                p.store_name = _relative_name(model, u, p)
+                p.sources = None
     else:
         source = ckpt
     runtime = Runtime(model, units, source, config, torch.device("cpu"))
@@ -157,6 +180,14 @@ def from_pretrained(
     if device is not None:
         model.to(device)
     return model
+
+
+def _relative_name(model: nn.Module, unit, p) -> str:
+    """The parameter's name inside its unit, as a store records it."""
+    for sub_name, sub in unit.modules[0].named_modules():
+        if sub is p.module:
+            return f"{sub_name}.{p.attr}" if sub_name else p.attr
+    return p.attr
 
 
 def _checkpoint_id(path: str) -> str:
@@ -205,7 +236,7 @@ def convert(
     if out.is_dir() or not out.suffix:
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"{type(model).__name__}.tstore"
-    total = sum(ckpt.tensors[p.store_name][4] for u in units for p in u.params)
+    total = sum(ckpt.tensors[n][4] for u in units for p in u.params for n in p.source_names)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -219,21 +250,24 @@ def convert(
         for u in units:
             writer.begin_unit(u.name)
             fp.update(f"|unit:{u.name}".encode())
-            prefix = u.name + "."
             for p in u.params:
-                file = ckpt.tensors[p.store_name][2]
-                f = handles.get(file)
-                if f is None:
-                    handles.clear()  # one shard open at a time keeps the mapping small
-                    f = handles[file] = safe_open(file, framework="pt")
-                t = f.get_tensor(p.store_name).to(p.dtype).contiguous()
-                rel = p.store_name[len(prefix) :] if p.store_name.startswith(prefix) else p.store_name
+                pieces = []
+                for src in p.source_names:
+                    file = ckpt.tensors[src][2]
+                    f = handles.get(file)
+                    if f is None:
+                        handles.clear()  # one shard open at a time keeps the mapping small
+                        f = handles[file] = safe_open(file, framework="pt")
+                    pieces.append(f.get_tensor(src).to(p.dtype).reshape(-1))
+                t = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(p.shape).contiguous()
+                del pieces
+                rel = _relative_name(model, u, p)
                 nbytes = t.numel() * t.element_size()
                 writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), t.data_ptr(), nbytes)
                 digest = _core.checksum(t.data_ptr(), nbytes)
                 fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
                 if bar:
-                    bar.update(ckpt.tensors[p.store_name][4])
+                    bar.update(sum(ckpt.tensors[n][4] for n in p.source_names))
                 del t
             writer.end_unit()
         handles.clear()

@@ -208,28 +208,33 @@ class Runtime:
         self.config = config
         self.layouts = source.layouts(units)
         self.read_len = [lay.buffer_len for lay in self.layouts]
-        # Per parameter: (stored dtype, shape, offset, nbytes, converted offset or None, dtype).
-        # A unit whose stored dtype differs from the model's is converted into the tail of
-        # its own slot, so conversion costs no allocation outside the budget.
+        # Per parameter: (parts, shape, converted offset or None, dtype), parts being the
+        # (stored dtype, offset, nbytes) of the stored tensors it is made of. A parameter
+        # whose stored dtype differs from the model's, or that is assembled from several
+        # stored tensors, is built in the tail of its unit's own slot, so it costs no memory
+        # outside the budget.
         self._slots = []
         self.sizes = []
         for u, lay in zip(units, self.layouts):
             by_name = {t[0]: t for t in lay.tensors}
             entries, tail = [], lay.buffer_len
             for p in u.params:
-                _n, st_dtype, shape, off, nbytes = by_name[p.store_name]
-                stored = ST_TO_TORCH[st_dtype]
-                if tuple(shape) != tuple(p.shape):
+                parts, numel = [], 0
+                for name in p.source_names:
+                    _n, st_dtype, shape, off, nbytes = by_name[name]
+                    parts.append((ST_TO_TORCH[st_dtype], off, nbytes))
+                    numel += _numel(shape)
+                if len(parts) == 1 and tuple(shape) != tuple(p.shape) or numel != _numel(p.shape):
                     raise StoreMismatchError(
                         f"{source.path}: tensor {p.store_name!r} of unit {u.name!r} has shape {tuple(shape)}, "
                         f"the model expects {tuple(p.shape)}"
                     )
                 conv = None
-                if stored != p.dtype:
+                if len(parts) > 1 or parts[0][0] != p.dtype:
                     tail = (tail + 255) // 256 * 256
                     conv = tail
-                    tail += _numel(p.shape) * torch.empty((), dtype=p.dtype).element_size()
-                entries.append((stored, tuple(shape), off, nbytes, conv, p.dtype))
+                    tail += numel * _itemsize(p.dtype)
+                entries.append((parts, tuple(p.shape), conv, p.dtype))
             self._slots.append(entries)
             self.sizes.append((tail + 4095) // 4096 * 4096)
         self.device = device
@@ -314,15 +319,20 @@ class Runtime:
             p.get().data = self._placeholder(p.dtype, self.device, p.shape)
 
     def _bind(self, i: int, buf: torch.Tensor, base_offset: int = 0, convert: bool = False) -> None:
-        for p, (stored, shape, off, nbytes, conv, dtype) in zip(self.units[i].params, self._slots[i]):
-            start = base_offset + off
-            view = buf[start : start + nbytes].view(stored).view(shape)
-            if conv is not None:
-                out = buf[conv : conv + view.numel() * _itemsize(dtype)].view(dtype).view(shape)
-                if convert:
-                    out.copy_(view)
-                view = out
-            p.get().data = view
+        for p, (parts, shape, conv, dtype) in zip(self.units[i].params, self._slots[i]):
+            if conv is None:
+                stored, off, nbytes = parts[0]
+                start = base_offset + off
+                p.get().data = buf[start : start + nbytes].view(stored).view(shape)
+                continue
+            flat = buf[conv : conv + _numel(shape) * _itemsize(dtype)].view(dtype)
+            if convert:
+                k = 0
+                for stored, off, nbytes in parts:
+                    src = buf[base_offset + off : base_offset + off + nbytes].view(stored)
+                    flat[k : k + src.numel()].copy_(src)
+                    k += src.numel()
+            p.get().data = flat.view(shape)
 
     def _resident_module_bytes(self) -> int:
         streamed = {id(p.get()) for u in self.units for p in u.params}
@@ -585,7 +595,7 @@ class Runtime:
             return
         buf, ev = self.pool.take(self.sizes[i])
         st.slot, st.slot_event = buf, ev
-        st.needs_convert = any(e[4] is not None for e in self._slots[i])
+        st.needs_convert = any(e[2] is not None for e in self._slots[i])
         if self.mode == "cpu-pread":
             st.ticket = self.engine.submit(lay, buf.data_ptr(), buf.numel(), demand, buf)
             return

@@ -14,7 +14,7 @@ class StoreSource:
     kind = "store"
     zero_copy = True
 
-    def __init__(self, store: "_core.Store"):
+    def __init__(self, store: _core.Store):
         self.store = store
         self.path = store.path
         self.files = [store.path]
@@ -48,4 +48,4 @@ class CheckpointSource:
         self.tensors = self.view.tensors()
 
     def layouts(self, units: list) -> list:
-        return [self.view.layout(u.name, [p.store_name for p in u.params]) for u in units]
+        return [self.view.layout(u.name, [n for p in u.params for n in p.source_names]) for u in units]

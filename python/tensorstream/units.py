@@ -4,8 +4,9 @@ the model's fingerprint."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -40,6 +41,13 @@ class ParamRef:
     store_name: str
     dtype: torch.dtype
     shape: tuple
+    sources: Optional[list] = None
+    """Checkpoint tensors concatenated, in order, into this parameter (fused layouts such as
+    a mixture of experts stored per expert); None: the one tensor `store_name`."""
+
+    @property
+    def source_names(self) -> list:
+        return self.sources if self.sources else [self.store_name]
 
     def get(self) -> nn.Parameter:
         return self.module._parameters[self.attr]

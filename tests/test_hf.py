@@ -1,0 +1,226 @@
+"""from_pretrained and convert: bit-identical to transformers on sharded local checkpoints,
+streamed in place or through a converted store, for Llama, Qwen2, GPT-2 and Mixtral."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tensorstream as ts
+from tensorstream.errors import InvalidArgumentError
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(tied: bool):
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2(tied: bool = False):
+    cfg = transformers.Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _gpt2(tied: bool = True):
+    cfg = transformers.GPT2Config(
+        vocab_size=256, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _mixtral(tied: bool = False):
+    cfg = transformers.MixtralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return transformers.MixtralForCausalLM(cfg)
+
+
+BUILDERS = {
+    "llama-tied": (_llama, True),
+    "llama": (_llama, False),
+    "qwen2": (_qwen2, False),
+    "gpt2": (_gpt2, True),
+    "mixtral": (_mixtral, False),
+}
+
+
+def _checkpoint(tmp_path, kind: str, seed: int = 0) -> str:
+    build, tied = BUILDERS[kind]
+    torch.manual_seed(seed)
+    model = build(tied).eval()
+    path = tmp_path / f"ckpt-{kind}"
+    model.save_pretrained(path, max_shard_size="150KB")
+    return str(path)
+
+
+def _reference(path: str, ids: torch.Tensor, dtype=torch.float32):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    with torch.no_grad():
+        logits = ref(ids).logits
+        tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    return logits, tokens
+
+
+def _run(model, ids):
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    return logits, tokens
+
+
+def _tight_config(path, model_bytes_hint: int = 0, **kw) -> ts.Config:
+    return ts.Config(path, vram_budget_gb=kw.pop("vram_budget_gb", 0.004), **kw)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_from_pretrained_streams_sharded_checkpoint_bit_identical(tmp_path, kind):
+    ck = _checkpoint(tmp_path, kind)
+    assert len([f for f in os.listdir(ck) if f.endswith(".safetensors")]) > 1, "checkpoint should be sharded"
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref_logits, ref_tokens = _reference(ck, ids)
+    model = ts.from_pretrained(ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004), dtype=torch.float32)
+    logits, tokens = _run(model, ids)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    s = ts.get_model_statistics(model)
+    assert s["source"] == "safetensors"
+    assert s["bytes_read"] > 0
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_from_pretrained_through_converted_store_bit_identical(tmp_path, kind):
+    ck = _checkpoint(tmp_path, kind)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_tokens = _reference(ck, ids)
+    store = ts.convert(ck, tmp_path / "converted", dtype=torch.float32, progress=False)
+    assert os.path.isfile(store) and store.endswith(".tstore")
+    model = ts.from_pretrained(
+        ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004), dtype=torch.float32, store=store
+    )
+    logits, tokens = _run(model, ids)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    assert ts.get_model_statistics(model)["source"] == "store"
+
+
+def test_from_pretrained_finds_converted_store_under_storage_path(tmp_path):
+    ck = _checkpoint(tmp_path, "llama")
+    store = ts.convert(ck, tmp_path / "st", dtype=torch.float32, progress=False)
+    model = ts.from_pretrained(ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004), dtype=torch.float32)
+    stats = ts.get_model_statistics(model)
+    assert stats["source"] == "store" and stats["store_path"] == store
+
+
+def test_converted_store_is_reused_by_offload_of_the_same_weights(tmp_path):
+    ck = _checkpoint(tmp_path, "llama")
+    store = ts.convert(ck, tmp_path / "st", dtype=torch.float32, progress=False)
+    before = os.stat(store).st_mtime_ns
+    model = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    ts.offload(model, ts.Config(tmp_path / "st", vram_budget_gb=0.004))
+    assert os.stat(store).st_mtime_ns == before
+
+
+def test_checkpoint_dtype_converted_on_the_fly_matches_transformers(tmp_path):
+    ck = _checkpoint(tmp_path, "llama")  # saved in float32
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    ref_logits, ref_tokens = _reference(ck, ids, dtype=torch.bfloat16)
+    model = ts.from_pretrained(ck, ts.Config(tmp_path / "st", vram_budget_gb=0.002), dtype=torch.bfloat16)
+    logits, tokens = _run(model, ids)
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+    s = ts.get_model_statistics(model)
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def _word_tokenizer():
+    """A local word-level tokenizer over the words t0..t255 (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", eos_token="t1", pad_token="t0"
+    )
+    return fast
+
+
+def test_pipeline_text_generation_works_on_streamed_model(tmp_path):
+    ck = _checkpoint(tmp_path, "llama")
+    tok = _word_tokenizer()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    model = ts.from_pretrained(ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004), dtype=torch.float32)
+    prompt = "t5 t17 t33 t2 t90"
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_full_text=False)
+    expected = transformers.pipeline("text-generation", model=ref, tokenizer=tok)(prompt, **kwargs)
+    got = transformers.pipeline("text-generation", model=model, tokenizer=tok)(prompt, **kwargs)
+    assert got == expected
+    assert got[0]["generated_text"].strip()
+
+
+def test_from_pretrained_without_local_checkpoint_says_no_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with pytest.raises(InvalidArgumentError, match="never downloads"):
+        ts.from_pretrained("some-org/some-model-that-is-not-cached", ts.Config(tmp_path / "st"))
+
+
+def test_convert_interrupted_leaves_no_store(tmp_path, monkeypatch):
+    ck = _checkpoint(tmp_path, "llama")
+    out = tmp_path / "conv"
+    import tensorstream.hf as hf
+
+    real_writer = ts._core.StoreWriter
+
+    class Interrupted(RuntimeError):
+        pass
+
+    class FailingWriter:
+        """Fails on the fifth tensor, as a crash or Ctrl-C mid-conversion would."""
+
+        def __init__(self, *a):
+            self.w = real_writer(*a)
+            self.n = 0
+
+        def add_tensor(self, *a):
+            self.n += 1
+            if self.n == 5:
+                raise Interrupted("interrupted")
+            return self.w.add_tensor(*a)
+
+        def __getattr__(self, name):
+            return getattr(self.w, name)
+
+    monkeypatch.setattr(hf._core, "StoreWriter", FailingWriter)
+    with pytest.raises(Interrupted):
+        ts.convert(ck, out, dtype=torch.float32, progress=False)
+    leftovers = list(out.iterdir()) if out.exists() else []
+    assert leftovers == [], leftovers
