@@ -8,9 +8,8 @@ import gc
 import warnings
 
 import pytest
-import torch
-
 import tensorstream as ts
+import torch
 
 pytestmark = [
     pytest.mark.gpu,
