@@ -59,3 +59,19 @@ bench-io:
 
 clean:
 	rm -rf $(VENV) target dist
+
+# Fuzz the parsers (not part of `make test`): each target runs FUZZ_SECONDS from the checked-in
+# seeds (fuzz/seeds/) plus the corpus it grew before (fuzz/corpus/, ignored by git). Needs
+# cargo-fuzz and a nightly toolchain, or RUSTC_BOOTSTRAP=1 on stable. See docs/reliability.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= store_open store_manifest safetensors_header safetensors_index
+FUZZ_CARGO   ?= $(shell rustup toolchain list 2>/dev/null | grep -q '^nightly' && echo 'cargo +nightly' || echo 'RUSTC_BOOTSTRAP=1 cargo')
+
+.PHONY: fuzz
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus/$$t && \
+		$(FUZZ_CARGO) fuzz run $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
