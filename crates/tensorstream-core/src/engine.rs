@@ -5,12 +5,20 @@
 //! somebody starts waiting for is promoted to demand. Each chunk of a checksummed unit is
 //! hashed by the worker that read it, so verification is parallel too. Errors belong to
 //! their own ticket: a failed read fails that request, and the engine keeps serving others.
+//!
+//! A coded unit (see [`crate::codec`]) is one job per coded chunk: the worker reads the
+//! chunk's stored bytes into its own aligned scratch buffer, decodes them straight into the
+//! chunk's range of the destination, and hashes that range. Chunks stored raw are read
+//! straight into the destination. Reads and decoding of a unit's chunks thus run on all
+//! workers at once, pipelined.
 
+use crate::codec::{ChunkMode, Decoder, CODEC_CHUNK};
 use crate::error::{Error, Result};
-use crate::io::ReadBackend;
+use crate::io::{AlignedBuf, ReadBackend};
 use crate::store::{
-    align_up, chunked_checksum_combine, ExpectedChecksum, UnitLayout, CHECKSUM_CHUNK,
+    align_up, chunked_checksum_combine, ExpectedChecksum, UnitLayout, BLOCK, CHECKSUM_CHUNK,
 };
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +76,12 @@ pub struct EngineStats {
     pub busy_ns: u64,
     /// Nanoseconds callers spent blocked in [`Engine::wait`].
     pub stall_ns: u64,
+    /// Coded chunks read and decoded.
+    pub coded_chunks: u64,
+    /// Bytes those chunks decoded to (their stored bytes count in `bytes_read`).
+    pub decoded_bytes: u64,
+    /// Nanoseconds workers spent decoding, summed over workers (part of `busy_ns`).
+    pub decode_ns: u64,
     /// Counters of the backend's fallbacks.
     pub backend: crate::io::BackendStats,
 }
@@ -84,16 +98,22 @@ struct Counters {
     chunks: AtomicU64,
     busy_ns: AtomicU64,
     stall_ns: AtomicU64,
+    coded_chunks: AtomicU64,
+    decoded_bytes: AtomicU64,
+    decode_ns: AtomicU64,
 }
 
 struct Job {
     ticket: Arc<TicketInner>,
     file: Arc<PathBuf>,
     file_offset: u64,
+    /// Bytes of the destination this job fills.
     len: u64,
     dest_offset: u64,
     /// Instead of reading the file, fault in the already-mapped destination range.
     populate: bool,
+    /// A coded chunk: read this many stored bytes and decode them with this mode.
+    decode: Option<(u64, ChunkMode)>,
 }
 
 #[derive(Default)]
@@ -204,6 +224,8 @@ impl Engine {
     /// anybody else, until [`wait`](Self::wait) has returned for this ticket, or until
     /// [`is_finished`](Ticket::is_finished) is true, or until the engine is dropped. For
     /// O_DIRECT to apply, `dest` should be 4096-aligned.
+    ///
+    /// A layout with coded chunks is decoded into `dest` on the workers.
     pub unsafe fn submit(
         &self,
         layout: &UnitLayout,
@@ -219,7 +241,8 @@ impl Engine {
     /// (the unit's first byte), instead of copying it: the zero-copy CPU path. The workers
     /// ask the kernel to populate the page tables (MADV_POPULATE_READ, or a read of each
     /// page on kernels without it), reading from the disk what the page cache lacks, and
-    /// hash the unit when `layout.checksum` is set.
+    /// hash the unit when `layout.checksum` is set. A coded unit cannot be mapped in place
+    /// and is refused.
     ///
     /// # Safety
     /// `mapped` must point to a readable mapping of at least `layout.buffer_len` bytes
@@ -249,6 +272,32 @@ impl Engine {
                 layout.name, layout.buffer_len
             )));
         }
+        if populate && !layout.chunks.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "unit '{}' is stored coded: it cannot be mapped in place, read it into a buffer",
+                layout.name
+            )));
+        }
+        for c in &layout.chunks {
+            let inside = c
+                .dest_offset
+                .checked_add(c.raw_len)
+                .is_some_and(|end| end <= layout.buffer_len);
+            let sizes = match c.mode {
+                ChunkMode::Raw => c.stored_len == c.raw_len,
+                ChunkMode::Zstd { .. } => (1..=CODEC_CHUNK).contains(&c.stored_len),
+            };
+            if c.file >= layout.files.len()
+                || !inside
+                || !(1..=CODEC_CHUNK).contains(&c.raw_len)
+                || !sizes
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "unit '{}' has a coded chunk outside its buffer or files, or of invalid size ({c:?})",
+                    layout.name
+                )));
+            }
+        }
         for e in &layout.extents {
             let inside = e
                 .dest_offset
@@ -266,6 +315,12 @@ impl Engine {
             .extents
             .iter()
             .map(|e| (e.dest_offset, e.dest_offset + e.len))
+            .chain(
+                layout
+                    .chunks
+                    .iter()
+                    .map(|c| (c.dest_offset, c.dest_offset + c.raw_len)),
+            )
             .collect();
         spans.sort_unstable();
         if spans.windows(2).any(|w| w[1].0 < w[0].1) {
@@ -275,12 +330,21 @@ impl Engine {
             )));
         }
         if let Some(c) = layout.checksum {
-            let single = layout.extents.len() == 1
+            let single = layout.chunks.is_empty()
+                && layout.extents.len() == 1
                 && layout.extents[0].dest_offset == 0
                 && layout.extents[0].len >= c.covered;
-            if !single {
+            // Or coded chunks that tile the covered bytes chunk for chunk, so that each
+            // worker hashes exactly the checksum chunk it decoded.
+            let tiled = layout.extents.is_empty()
+                && layout.chunks.len() as u64 == c.covered.div_ceil(CHECKSUM_CHUNK)
+                && layout.chunks.iter().enumerate().all(|(k, ch)| {
+                    let lo = k as u64 * CHECKSUM_CHUNK;
+                    ch.dest_offset == lo && ch.raw_len == CHECKSUM_CHUNK.min(c.covered - lo)
+                });
+            if !single && !tiled {
                 return Err(Error::InvalidArgument(format!(
-                    "unit '{}': a checksum needs one extent at offset 0",
+                    "unit '{}': a checksum needs one extent at offset 0, or coded chunks that tile the checksummed bytes",
                     layout.name
                 )));
             }
@@ -294,16 +358,35 @@ impl Engine {
                 let dest_offset = e.dest_offset + off;
                 let boundary = align_up(dest_offset + 1, self.chunk_bytes);
                 let len = (boundary - dest_offset).min(e.len - off);
-                jobs_spec.push((files[e.file].clone(), e.file_offset + off, len, dest_offset));
+                jobs_spec.push((
+                    files[e.file].clone(),
+                    e.file_offset + off,
+                    len,
+                    dest_offset,
+                    None,
+                ));
                 off += len;
             }
+        }
+        for c in &layout.chunks {
+            // A chunk stored raw is a plain read into the destination.
+            let decode = (c.mode != ChunkMode::Raw).then_some((c.stored_len, c.mode));
+            jobs_spec.push((
+                files[c.file].clone(),
+                c.file_offset,
+                c.raw_len,
+                c.dest_offset,
+                decode,
+            ));
         }
         let n_digests = layout
             .checksum
             .map_or(0, |c| c.covered.div_ceil(CHECKSUM_CHUNK) as usize);
-        let source = layout.extents.first().map_or((PathBuf::new(), 0), |e| {
-            ((*files[e.file]).clone(), e.file_offset)
-        });
+        let source = match (layout.extents.first(), layout.chunks.first()) {
+            (Some(e), _) => ((*files[e.file]).clone(), e.file_offset),
+            (None, Some(c)) => ((*files[c.file]).clone(), c.file_offset),
+            (None, None) => (PathBuf::new(), 0),
+        };
         let inner = Arc::new(TicketInner {
             unit: layout.name.clone(),
             dest: dest as usize,
@@ -341,7 +424,7 @@ impl Engine {
                 Priority::Demand => &mut q.demand,
                 Priority::Prefetch => &mut q.prefetch,
             };
-            for (file, file_offset, len, dest_offset) in jobs_spec {
+            for (file, file_offset, len, dest_offset, decode) in jobs_spec {
                 target.push_back(Job {
                     ticket: inner.clone(),
                     file,
@@ -349,6 +432,7 @@ impl Engine {
                     len,
                     dest_offset,
                     populate,
+                    decode,
                 });
             }
         }
@@ -442,6 +526,9 @@ impl Engine {
             chunks: l(&c.chunks),
             busy_ns: l(&c.busy_ns),
             stall_ns: l(&c.stall_ns),
+            coded_chunks: l(&c.coded_chunks),
+            decoded_bytes: l(&c.decoded_bytes),
+            decode_ns: l(&c.decode_ns),
             backend: self.shared.backend.stats(),
         }
     }
@@ -509,6 +596,10 @@ fn run_job(shared: &Shared, job: Job) {
         result = if job.populate {
             populate(ptr, job.len as usize);
             Ok(())
+        } else if let Some((stored_len, mode)) = job.decode {
+            // SAFETY: as for a read below: the range is ours until the ticket finishes.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, job.len as usize) };
+            read_and_decode(shared, &job, stored_len, mode, dst)
         } else {
             // SAFETY: `submit`'s contract keeps dest valid and exclusively ours until the
             // ticket finishes, which cannot happen before this job completes; jobs of one
@@ -537,7 +628,8 @@ fn run_job(shared: &Shared, job: Job) {
                 }
             }
             let c = &shared.counters;
-            c.bytes_read.fetch_add(job.len, Ordering::Relaxed);
+            let read = job.decode.map_or(job.len, |(stored_len, _)| stored_len);
+            c.bytes_read.fetch_add(read, Ordering::Relaxed);
             c.chunks.fetch_add(1, Ordering::Relaxed);
         }
         shared
@@ -559,6 +651,71 @@ fn run_job(shared: &Shared, job: Job) {
     if st.remaining == 0 && !st.finished {
         finish(shared, t, &mut st);
     }
+}
+
+/// A worker's scratch for coded chunks: an aligned buffer for the stored bytes (O_DIRECT
+/// lands in it) and a decoder. Allocated on a worker's first coded chunk, kept after.
+struct DecodeScratch {
+    stored: AlignedBuf,
+    decoder: Decoder,
+}
+
+/// Largest stored read: a chunk's stored bytes (at most a chunk), widened to 4096 bounds.
+const SCRATCH_LEN: u64 = CODEC_CHUNK + 2 * BLOCK;
+
+thread_local! {
+    static DECODE_SCRATCH: RefCell<Option<DecodeScratch>> = const { RefCell::new(None) };
+}
+
+/// Read a coded chunk's stored bytes into this worker's scratch and decode them into `dst`.
+fn read_and_decode(
+    shared: &Shared,
+    job: &Job,
+    stored_len: u64,
+    mode: ChunkMode,
+    dst: &mut [u8],
+) -> Result<()> {
+    let unit = &job.ticket.unit;
+    DECODE_SCRATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(DecodeScratch {
+                stored: AlignedBuf::new(SCRATCH_LEN as usize),
+                decoder: Decoder::new()?,
+            });
+        }
+        let sc = slot.as_mut().expect("just set");
+        // Widened to 4096 bounds, so O_DIRECT reads it in one request: stores start each
+        // chunk on a block and pad its end to one. Submit bounds stored_len by a chunk.
+        let skip = job.file_offset % BLOCK;
+        let read_len = align_up(skip + stored_len, BLOCK);
+        shared
+            .backend
+            .read_into(
+                &job.file,
+                job.file_offset - skip,
+                &mut sc.stored[..read_len as usize],
+            )
+            .map_err(|e| e.with_unit(unit))?;
+        let stored = &sc.stored[skip as usize..(skip + stored_len) as usize];
+        let start = Instant::now();
+        sc.decoder.decode(mode, stored, dst).map_err(|reason| {
+            Error::format(
+                "store",
+                &*job.file,
+                format!(
+                    "unit '{unit}': coded chunk at raw offset {} ({} bytes stored at file offset {} as {mode}) does not decode: {reason}",
+                    job.dest_offset, stored_len, job.file_offset
+                ),
+            )
+        })?;
+        let c = &shared.counters;
+        c.decode_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.coded_chunks.fetch_add(1, Ordering::Relaxed);
+        c.decoded_bytes.fetch_add(job.len, Ordering::Relaxed);
+        Ok(())
+    })
 }
 
 /// Fault in the pages of a mapped range without copying them anywhere.

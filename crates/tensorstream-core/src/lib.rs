@@ -1,5 +1,6 @@
 //! TensorStream's core: everything between a file on disk and a buffer in memory.
 //!
+//! - [`codec`]: lossless coding of stored units (byte grouping and zstd, per chunk);
 //! - [`store`]: the aligned store format (writer, validating reader, checksums) and a
 //!   read-only view of safetensors checkpoints;
 //! - [`io`]: the backends that read byte ranges into caller memory (mmap, pread with O_DIRECT);
@@ -10,6 +11,7 @@
 //! as a pointer and a length.
 #![deny(missing_docs)]
 
+pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod io;

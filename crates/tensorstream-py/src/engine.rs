@@ -75,8 +75,18 @@ impl PyEngine {
         };
         let faults = Arc::new(FaultyBackend::new(inner));
         let as_backend: Arc<dyn ReadBackend> = faults.clone();
-        let engine = Engine::new(as_backend, EngineConfig { num_threads, chunk_bytes }).py()?;
-        Ok(PyEngine { engine: Arc::new(engine), faults })
+        let engine = Engine::new(
+            as_backend,
+            EngineConfig {
+                num_threads,
+                chunk_bytes,
+            },
+        )
+        .py()?;
+        Ok(PyEngine {
+            engine: Arc::new(engine),
+            faults,
+        })
     }
 
     /// The backend in use ("mmap", "pread+odirect", ...).
@@ -90,26 +100,55 @@ impl PyEngine {
     /// `keepalive` is the object owning that memory (a tensor); the ticket holds it until the
     /// read finishes. The memory must not be touched until `wait` returns.
     #[pyo3(signature = (layout, ptr, length, demand, keepalive))]
-    fn submit(&self, layout: &PyLayout, ptr: usize, length: usize, demand: bool, keepalive: Py<PyAny>) -> PyResult<PyTicket> {
+    fn submit(
+        &self,
+        layout: &PyLayout,
+        ptr: usize,
+        length: usize,
+        demand: bool,
+        keepalive: Py<PyAny>,
+    ) -> PyResult<PyTicket> {
         if ptr == 0 {
             return Err(PyValueError::new_err("null destination pointer"));
         }
         // SAFETY: `keepalive` owns the memory and is held by the ticket until the request
         // finishes (the ticket's Drop cancels and waits); the Python layer does not touch the
         // buffer before `wait` returns.
-        let ticket = unsafe { self.engine.submit(&layout.inner, ptr as *mut u8, length, priority(demand)) }.py()?;
-        Ok(PyTicket { ticket, engine: self.engine.clone(), keepalive: Some(keepalive) })
+        let ticket = unsafe {
+            self.engine
+                .submit(&layout.inner, ptr as *mut u8, length, priority(demand))
+        }
+        .py()?;
+        Ok(PyTicket {
+            ticket,
+            engine: self.engine.clone(),
+            keepalive: Some(keepalive),
+        })
     }
 
     /// Fault in (and verify, if the layout carries a checksum) a unit mapped read-only at `ptr`.
     #[pyo3(signature = (layout, ptr, demand, keepalive))]
-    fn submit_populate(&self, layout: &PyLayout, ptr: usize, demand: bool, keepalive: Py<PyAny>) -> PyResult<PyTicket> {
+    fn submit_populate(
+        &self,
+        layout: &PyLayout,
+        ptr: usize,
+        demand: bool,
+        keepalive: Py<PyAny>,
+    ) -> PyResult<PyTicket> {
         if ptr == 0 {
             return Err(PyValueError::new_err("null mapping pointer"));
         }
         // SAFETY: `keepalive` owns the mapping and is held until the request finishes.
-        let ticket = unsafe { self.engine.submit_populate(&layout.inner, ptr as *const u8, priority(demand)) }.py()?;
-        Ok(PyTicket { ticket, engine: self.engine.clone(), keepalive: Some(keepalive) })
+        let ticket = unsafe {
+            self.engine
+                .submit_populate(&layout.inner, ptr as *const u8, priority(demand))
+        }
+        .py()?;
+        Ok(PyTicket {
+            ticket,
+            engine: self.engine.clone(),
+            keepalive: Some(keepalive),
+        })
     }
 
     /// Block (GIL released) until the ticket completes; raises its error.
@@ -138,6 +177,9 @@ impl PyEngine {
         d.set_item("chunks", s.chunks)?;
         d.set_item("busy_seconds", s.busy_ns as f64 / 1e9)?;
         d.set_item("stall_seconds", s.stall_ns as f64 / 1e9)?;
+        d.set_item("coded_chunks", s.coded_chunks)?;
+        d.set_item("decoded_bytes", s.decoded_bytes)?;
+        d.set_item("decode_seconds", s.decode_ns as f64 / 1e9)?;
         d.set_item("buffered_fallback_bytes", s.backend.buffered_fallback_bytes)?;
         d.set_item("direct_refused_files", s.backend.direct_refused_files)?;
         Ok(d)
@@ -146,8 +188,19 @@ impl PyEngine {
     /// Inject faults into later reads (tests): fail read N, fail from read N on, make read N
     /// short, or delay every read. Reads are counted from 1 after this call.
     #[pyo3(signature = (fail_read=None, fail_from=None, short_read=None, delay_ms=None))]
-    fn set_fault_plan(&self, fail_read: Option<u64>, fail_from: Option<u64>, short_read: Option<u64>, delay_ms: Option<u64>) {
-        self.faults.set_plan(FaultPlan { fail_read, fail_from, short_read, delay: delay_ms.map(Duration::from_millis) });
+    fn set_fault_plan(
+        &self,
+        fail_read: Option<u64>,
+        fail_from: Option<u64>,
+        short_read: Option<u64>,
+        delay_ms: Option<u64>,
+    ) {
+        self.faults.set_plan(FaultPlan {
+            fail_read,
+            fail_from,
+            short_read,
+            delay: delay_ms.map(Duration::from_millis),
+        });
     }
 
     /// Close cached file handles and mappings.

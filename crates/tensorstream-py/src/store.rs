@@ -4,6 +4,8 @@ use crate::errors::IntoPyResult;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::time::Instant;
+use tensorstream_core::codec;
 use tensorstream_core::store::{self, DType, SafetensorsView, Store, StoreWriter, UnitLayout};
 
 /// The read layout of one unit: where its bytes are and where each tensor lands.
@@ -25,10 +27,25 @@ impl PyLayout {
     fn buffer_len(&self) -> u64 {
         self.inner.buffer_len
     }
-    /// Bytes read from files to load this unit.
+    /// Bytes read from files to load this unit (stored bytes, for a coded unit).
     #[getter]
     fn bytes_to_read(&self) -> u64 {
         self.inner.bytes_to_read()
+    }
+    /// Bytes the unit has once read (and decoded) into its buffer.
+    #[getter]
+    fn raw_bytes(&self) -> u64 {
+        self.inner.raw_bytes()
+    }
+    /// True when the unit is stored coded: it is decoded on read and cannot be mapped in place.
+    #[getter]
+    fn coded(&self) -> bool {
+        self.inner.is_coded()
+    }
+    /// Number of coded chunks (0 for raw data).
+    #[getter]
+    fn num_chunks(&self) -> usize {
+        self.inner.chunks.len()
     }
     /// (file, offset, length, dest_offset) of each extent.
     #[getter]
@@ -36,7 +53,14 @@ impl PyLayout {
         self.inner
             .extents
             .iter()
-            .map(|e| (self.inner.files[e.file].to_string_lossy().into_owned(), e.file_offset, e.len, e.dest_offset))
+            .map(|e| {
+                (
+                    self.inner.files[e.file].to_string_lossy().into_owned(),
+                    e.file_offset,
+                    e.len,
+                    e.dest_offset,
+                )
+            })
             .collect()
     }
     /// (name, dtype, shape, offset, nbytes) of each tensor.
@@ -45,7 +69,15 @@ impl PyLayout {
         self.inner
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), t.dtype.name().to_string(), t.shape.clone(), t.offset, t.nbytes))
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dtype.name().to_string(),
+                    t.shape.clone(),
+                    t.offset,
+                    t.nbytes,
+                )
+            })
             .collect()
     }
     /// True when a checksum is verified on read.
@@ -73,7 +105,9 @@ pub struct PyStoreWriter {
 
 impl PyStoreWriter {
     fn w(&mut self) -> PyResult<&mut StoreWriter> {
-        self.inner.as_mut().ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))
     }
 }
 
@@ -81,12 +115,78 @@ impl PyStoreWriter {
 impl PyStoreWriter {
     #[new]
     fn new(path: &str, fingerprint: &str) -> PyResult<Self> {
-        Ok(PyStoreWriter { inner: Some(StoreWriter::create(path, fingerprint).py()?) })
+        Ok(PyStoreWriter {
+            inner: Some(StoreWriter::create(path, fingerprint).py()?),
+        })
     }
 
     fn set_metadata(&mut self, key: &str, value: &str) -> PyResult<()> {
         self.w()?.set_metadata(key, value);
         Ok(())
+    }
+
+    /// Code the units begun from now on with `bytegroup-zstd` at zstd `level` on `threads`
+    /// threads (0: the machine's cores, at most 8), or store them raw with `level=None`.
+    #[pyo3(signature = (level, threads=0))]
+    fn set_compression(&mut self, level: Option<i32>, threads: usize) -> PyResult<()> {
+        self.w()?.set_compression(level, threads).py()
+    }
+
+    /// Measure the codec on `nbytes` of memory at `ptr` (elements `width` bytes wide):
+    /// code it at `level` on `threads` threads, then decode it with each thread count of
+    /// `decode_threads`, checking the bytes. Returns raw and stored sizes and seconds.
+    ///
+    /// The caller guarantees `ptr` is valid for `nbytes` reads during the call.
+    #[staticmethod]
+    #[pyo3(signature = (ptr, nbytes, width, level, threads, decode_threads))]
+    fn codec_benchmark<'py>(
+        py: Python<'py>,
+        ptr: usize,
+        nbytes: usize,
+        width: u64,
+        level: i32,
+        threads: usize,
+        decode_threads: Vec<usize>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        if ptr == 0 || nbytes == 0 {
+            return Err(PyValueError::new_err(
+                "codec_benchmark needs a non-empty buffer",
+            ));
+        }
+        let (stored, coded_chunks, chunks, encode_s, decode_s) = py
+            .detach(move || -> Result<_, String> {
+                // SAFETY: the caller's contract: ptr is valid for nbytes reads during the call.
+                let raw = unsafe { std::slice::from_raw_parts(ptr as *const u8, nbytes) };
+                let t = Instant::now();
+                let coded = codec::encode_parallel(raw, width, level, threads)
+                    .map_err(|e| e.to_string())?;
+                let encode_s = t.elapsed().as_secs_f64();
+                let stored: usize = coded.iter().map(|c| c.1.len()).sum();
+                let coded_chunks = coded
+                    .iter()
+                    .filter(|c| c.0 != codec::ChunkMode::Raw)
+                    .count();
+                let mut out = vec![0u8; nbytes];
+                let mut decode_s = Vec::new();
+                for &n in &decode_threads {
+                    let t = Instant::now();
+                    codec::decode_parallel(&coded, &mut out, n)?;
+                    decode_s.push((n, t.elapsed().as_secs_f64()));
+                    if out[..] != raw[..] {
+                        return Err("decoded bytes differ from the input".into());
+                    }
+                }
+                Ok((stored, coded_chunks, coded.len(), encode_s, decode_s))
+            })
+            .map_err(PyValueError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("raw_bytes", nbytes)?;
+        d.set_item("stored_bytes", stored)?;
+        d.set_item("chunks", chunks)?;
+        d.set_item("coded_chunks", coded_chunks)?;
+        d.set_item("encode_seconds", encode_s)?;
+        d.set_item("decode_seconds", decode_s)?;
+        Ok(d)
     }
 
     fn set_fingerprint(&mut self, fingerprint: &str) -> PyResult<()> {
@@ -102,10 +202,20 @@ impl PyStoreWriter {
     ///
     /// The caller guarantees that `ptr` points to `nbytes` readable bytes that stay alive
     /// and unchanged during the call (the Python layer passes a contiguous CPU tensor it holds).
-    fn add_tensor(&mut self, py: Python<'_>, name: &str, dtype: &str, shape: Vec<u64>, ptr: usize, nbytes: usize) -> PyResult<()> {
+    fn add_tensor(
+        &mut self,
+        py: Python<'_>,
+        name: &str,
+        dtype: &str,
+        shape: Vec<u64>,
+        ptr: usize,
+        nbytes: usize,
+    ) -> PyResult<()> {
         let dtype = parse_dtype(dtype)?;
         if ptr == 0 && nbytes > 0 {
-            return Err(PyValueError::new_err(format!("tensor '{name}': null data pointer")));
+            return Err(PyValueError::new_err(format!(
+                "tensor '{name}': null data pointer"
+            )));
         }
         let w = self.w()?;
         let addr = ptr;
@@ -128,7 +238,10 @@ impl PyStoreWriter {
 
     /// Write the manifest and header, fsync and rename into place. Returns the final path.
     fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
-        let w = self.inner.take().ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))?;
+        let w = self
+            .inner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("store writer already finished or aborted"))?;
         let p = py.detach(move || w.finish()).py()?;
         Ok(p.to_string_lossy().into_owned())
     }
@@ -182,7 +295,12 @@ impl PyStore {
     }
     /// Names of the units, in file order.
     fn unit_names(&self) -> Vec<String> {
-        self.inner.manifest().units.iter().map(|u| u.name.clone()).collect()
+        self.inner
+            .manifest()
+            .units
+            .iter()
+            .map(|u| u.name.clone())
+            .collect()
     }
     /// (name, offset, length, padded_length, codec, checksum) of each unit.
     fn units(&self) -> Vec<(String, u64, u64, u64, String, String)> {
@@ -190,8 +308,59 @@ impl PyStore {
             .manifest()
             .units
             .iter()
-            .map(|u| (u.name.clone(), u.offset, u.length, u.padded_length, u.codec.clone(), u.checksum.clone()))
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    u.offset,
+                    u.length,
+                    u.padded_length,
+                    u.codec.clone(),
+                    u.checksum.clone(),
+                )
+            })
             .collect()
+    }
+    /// (name, codec, raw length, stored length, chunks) of each unit.
+    fn unit_codecs(&self) -> Vec<(String, String, u64, u64, usize)> {
+        self.inner
+            .manifest()
+            .units
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    u.codec.clone(),
+                    u.length,
+                    u.stored_length(),
+                    u.chunks.len(),
+                )
+            })
+            .collect()
+    }
+    /// Raw bytes of all units.
+    #[getter]
+    fn raw_bytes(&self) -> u64 {
+        self.inner.manifest().units.iter().map(|u| u.length).sum()
+    }
+    /// Bytes all units occupy on disk, without padding (their raw bytes for raw units).
+    #[getter]
+    fn stored_bytes(&self) -> u64 {
+        self.inner
+            .manifest()
+            .units
+            .iter()
+            .map(|u| u.stored_length())
+            .sum()
+    }
+    /// Number of units stored with a codec.
+    #[getter]
+    fn coded_units(&self) -> usize {
+        self.inner
+            .manifest()
+            .units
+            .iter()
+            .filter(|u| u.is_coded())
+            .count()
     }
     /// Index of a unit by name, or None.
     fn unit_index(&self, name: &str) -> Option<usize> {
@@ -199,7 +368,9 @@ impl PyStore {
     }
     /// Read layout of unit `i`.
     fn layout(&self, i: usize) -> PyResult<PyLayout> {
-        Ok(PyLayout { inner: self.inner.layout(i).py()? })
+        Ok(PyLayout {
+            inner: self.inner.layout(i).py()?,
+        })
     }
 }
 
@@ -213,23 +384,34 @@ pub struct PySafetensorsView {
 impl PySafetensorsView {
     #[new]
     fn new(py: Python<'_>, path: &str) -> PyResult<Self> {
-        Ok(PySafetensorsView { inner: py.detach(|| SafetensorsView::open(path)).py()? })
+        Ok(PySafetensorsView {
+            inner: py.detach(|| SafetensorsView::open(path)).py()?,
+        })
     }
     /// name -> (dtype, shape, file, offset, nbytes)
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (name, t) in self.inner.tensors() {
             let file = self.inner.files()[t.file].to_string_lossy().into_owned();
-            d.set_item(name, (t.dtype.name(), t.shape.clone(), file, t.offset, t.nbytes))?;
+            d.set_item(
+                name,
+                (t.dtype.name(), t.shape.clone(), file, t.offset, t.nbytes),
+            )?;
         }
         Ok(d)
     }
     fn files(&self) -> Vec<String> {
-        self.inner.files().iter().map(|p| p.to_string_lossy().into_owned()).collect()
+        self.inner
+            .files()
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
     }
     /// Read layout for a unit made of the named tensors.
     fn layout(&self, unit: &str, names: Vec<String>) -> PyResult<PyLayout> {
-        Ok(PyLayout { inner: self.inner.layout(unit, &names).py()? })
+        Ok(PyLayout {
+            inner: self.inner.layout(unit, &names).py()?,
+        })
     }
 }
 

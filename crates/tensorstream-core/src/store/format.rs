@@ -1,7 +1,8 @@
 //! Store format v1: a 64-byte header, 4 KiB-aligned unit data, then a JSON manifest.
 //! `docs/store-format.md` is the normative description; this module implements it.
 
-use super::{DType, BLOCK, TENSOR_ALIGN};
+use super::{align_up, DType, BLOCK, TENSOR_ALIGN};
+use crate::codec::{ChunkMode, CODEC_BYTEGROUP_ZSTD, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -21,6 +22,8 @@ pub const MAX_UNITS: usize = 1 << 20;
 pub const MAX_TENSORS_PER_UNIT: usize = 1 << 16;
 /// Largest number of dimensions of a tensor.
 pub const MAX_DIMS: usize = 16;
+/// Largest number of coded chunks in one unit (4 TiB of raw bytes at 4 MiB a chunk).
+pub const MAX_CHUNKS_PER_UNIT: u64 = 1 << 20;
 
 /// The fixed header at offset 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,17 +106,79 @@ pub struct UnitRecord {
     pub offset: u64,
     /// Bytes of unit data (tensors and the padding between them).
     pub length: u64,
-    /// Bytes the unit occupies in the file: `length` rounded up to 4096.
+    /// Bytes the unit occupies in the file, a multiple of 4096: `length` rounded up for a
+    /// raw unit, the end of the last stored chunk rounded up for a coded one.
     pub padded_length: u64,
-    /// How the unit's bytes are coded on disk. v1 writes "raw".
+    /// How the unit's bytes are coded on disk: "raw" or "bytegroup-zstd".
     pub codec: String,
     /// Checksum of the `length` raw bytes, as 16 hex digits (see `chunked_checksum`).
     pub checksum: String,
     /// The tensors, in offset order.
     pub tensors: Vec<TensorRecord>,
+    /// For a coded unit, its chunks in order; empty (and absent from the JSON) for a raw one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRecord>,
+}
+
+/// One coded chunk of a unit. The manifest writes it as the array
+/// `[raw_offset, raw_len, stored_offset, stored_len, mode]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ChunkTuple", into = "ChunkTuple")]
+pub struct ChunkRecord {
+    /// Offset of the chunk's raw bytes in the unit: chunk `i` starts at `i * 4 MiB`.
+    pub raw_offset: u64,
+    /// Raw bytes of the chunk: 4 MiB, less for the unit's last chunk.
+    pub raw_len: u64,
+    /// Offset of the chunk's stored bytes, relative to the unit's offset in the file: 0 for
+    /// the first chunk, the previous chunk's end rounded up to 4096 for the others.
+    pub stored_offset: u64,
+    /// Stored bytes of the chunk.
+    pub stored_len: u64,
+    /// How the chunk is stored.
+    pub mode: ChunkMode,
+}
+
+type ChunkTuple = (u64, u64, u64, u64, ChunkMode);
+
+impl From<ChunkTuple> for ChunkRecord {
+    fn from(t: ChunkTuple) -> Self {
+        ChunkRecord {
+            raw_offset: t.0,
+            raw_len: t.1,
+            stored_offset: t.2,
+            stored_len: t.3,
+            mode: t.4,
+        }
+    }
+}
+
+impl From<ChunkRecord> for ChunkTuple {
+    fn from(c: ChunkRecord) -> Self {
+        (
+            c.raw_offset,
+            c.raw_len,
+            c.stored_offset,
+            c.stored_len,
+            c.mode,
+        )
+    }
 }
 
 impl UnitRecord {
+    /// True when the unit is stored with a codec (its bytes on disk are not its raw bytes).
+    pub fn is_coded(&self) -> bool {
+        self.codec != CODEC_RAW
+    }
+
+    /// Bytes of the unit's data on disk, without the final padding: `length` for a raw
+    /// unit, the end of the last stored chunk for a coded one.
+    pub fn stored_length(&self) -> u64 {
+        match self.chunks.last() {
+            Some(c) if self.is_coded() => c.stored_offset + c.stored_len,
+            _ => self.length,
+        }
+    }
+
     /// The checksum as a number.
     pub fn checksum_value(&self) -> u64 {
         u64::from_str_radix(&self.checksum, 16).unwrap_or(0)
@@ -175,9 +240,9 @@ impl Manifest {
             if !names.insert(u.name.as_str()) {
                 return Err(bad(format!("unit '{}' appears twice", u.name)));
             }
-            if u.codec != "raw" {
+            if u.codec != CODEC_RAW && u.codec != CODEC_BYTEGROUP_ZSTD {
                 return Err(bad(format!(
-                    "unit '{}' uses codec '{}', which this build cannot decode",
+                    "unit '{}' uses codec '{}', which this build cannot decode (known: {CODEC_RAW}, {CODEC_BYTEGROUP_ZSTD})",
                     u.name, u.codec
                 )));
             }
@@ -200,13 +265,24 @@ impl Manifest {
                 )));
             }
             // Checked: a hostile length near 2^64 must not overflow the rounding.
-            let expect_padded = u
-                .length
+            let stored_end = if u.is_coded() {
+                validate_chunks(path, u)?
+            } else {
+                if !u.chunks.is_empty() {
+                    return Err(bad(format!(
+                        "unit '{}' is raw but records {} coded chunks",
+                        u.name,
+                        u.chunks.len()
+                    )));
+                }
+                u.length
+            };
+            let expect_padded = stored_end
                 .checked_add(BLOCK - 1)
                 .map(|x| super::align_down(x, BLOCK));
             if u.length == 0 || Some(u.padded_length) != expect_padded {
                 return Err(bad(format!(
-                    "unit '{}' has length {} and padded length {}, expected a nonzero length padded to a multiple of {BLOCK} ({})",
+                    "unit '{}' has length {} and padded length {}, expected a nonzero length and its {stored_end} bytes on disk padded to a multiple of {BLOCK} ({})",
                     u.name,
                     u.length,
                     u.padded_length,
@@ -224,6 +300,55 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Check a coded unit's chunk table; returns the end of its stored bytes (relative to the
+/// unit). The table is fully determined by the unit's length but for the stored lengths
+/// and modes, and every entry is checked against that, so a hostile table can neither
+/// overlap chunks, leave raw bytes uncovered, nor make a reader allocate more than a chunk.
+fn validate_chunks(path: &Path, u: &UnitRecord) -> Result<u64> {
+    let bad = |reason: String| Error::format("store", path, format!("unit '{}': {reason}", u.name));
+    let expect = u.length.div_ceil(CODEC_CHUNK);
+    if u.length == 0 || expect > MAX_CHUNKS_PER_UNIT || u.chunks.len() as u64 != expect {
+        return Err(bad(format!(
+            "codec {} with length {} needs {expect} chunks of {CODEC_CHUNK} bytes (at most {MAX_CHUNKS_PER_UNIT}), the manifest records {}",
+            u.codec,
+            u.length,
+            u.chunks.len()
+        )));
+    }
+    let mut stored_end = 0u64;
+    for (i, c) in u.chunks.iter().enumerate() {
+        let raw_offset = i as u64 * CODEC_CHUNK;
+        let raw_len = CODEC_CHUNK.min(u.length - raw_offset);
+        let stored_offset = align_up(stored_end, BLOCK);
+        let len_ok = match c.mode {
+            ChunkMode::Raw => c.stored_len == raw_len,
+            ChunkMode::Zstd { .. } => c.stored_len > 0 && c.stored_len < raw_len,
+        };
+        if c.raw_offset != raw_offset
+            || c.raw_len != raw_len
+            || c.stored_offset != stored_offset
+            || !len_ok
+        {
+            return Err(bad(format!(
+                "chunk {i} records raw {}+{}, stored {}+{} ({}); expected raw {raw_offset}+{raw_len}, stored at {stored_offset}, {}",
+                c.raw_offset,
+                c.raw_len,
+                c.stored_offset,
+                c.stored_len,
+                c.mode,
+                if c.mode == ChunkMode::Raw {
+                    format!("{raw_len} bytes long")
+                } else {
+                    format!("1 to {} bytes long", raw_len - 1)
+                }
+            )));
+        }
+        // Cannot overflow: stored_offset <= i * (4 MiB + 4 KiB) < 2^43.
+        stored_end = stored_offset + c.stored_len;
+    }
+    Ok(stored_end)
 }
 
 fn validate_tensors(path: &Path, u: &UnitRecord) -> Result<()> {

@@ -13,11 +13,14 @@ pub use checksum::{
     chunked_checksum, combine as chunked_checksum_combine, ChunkedHasher, CHECKSUM_CHUNK,
 };
 pub use dtype::DType;
-pub use format::{Manifest, TensorRecord, UnitRecord, FORMAT_VERSION, MAGIC};
+pub use format::{
+    ChunkRecord, Manifest, TensorRecord, UnitRecord, FORMAT_VERSION, MAGIC, MAX_CHUNKS_PER_UNIT,
+};
 pub use reader::Store;
 pub use safetensors::{SafetensorsView, TensorLocation};
 pub use writer::StoreWriter;
 
+use crate::codec::ChunkMode;
 use std::path::PathBuf;
 
 /// Alignment of units inside a store file and of O_DIRECT reads.
@@ -46,6 +49,25 @@ pub struct Extent {
     pub len: u64,
     /// Byte offset in the destination buffer.
     pub dest_offset: u64,
+}
+
+/// One coded chunk of a unit: stored bytes in a file, decoded into a range of the
+/// destination buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodedChunk {
+    /// Index into [`UnitLayout::files`].
+    pub file: usize,
+    /// Byte offset of the stored bytes in the file. Stores start every chunk on a 4096
+    /// boundary and pad its end to one, so a reader may widen the read to 4096 bounds.
+    pub file_offset: u64,
+    /// Stored bytes.
+    pub stored_len: u64,
+    /// Byte offset in the destination buffer where the decoded bytes go.
+    pub dest_offset: u64,
+    /// Decoded (raw) bytes, at most [`crate::codec::CODEC_CHUNK`].
+    pub raw_len: u64,
+    /// How the chunk is stored.
+    pub mode: ChunkMode,
 }
 
 /// Where one tensor lives inside a unit's destination buffer.
@@ -81,6 +103,9 @@ pub struct UnitLayout {
     pub files: Vec<PathBuf>,
     /// Byte ranges to read. Extents never overlap in the destination.
     pub extents: Vec<Extent>,
+    /// Coded chunks to read and decode (a unit stored with a codec); empty for raw data.
+    /// Chunks never overlap each other or the extents in the destination.
+    pub chunks: Vec<CodedChunk>,
     /// Size the destination buffer must have.
     pub buffer_len: u64,
     /// Tensors inside the destination buffer.
@@ -92,6 +117,18 @@ pub struct UnitLayout {
 impl UnitLayout {
     /// Bytes moved from disk to read this unit.
     pub fn bytes_to_read(&self) -> u64 {
-        self.extents.iter().map(|e| e.len).sum()
+        self.extents.iter().map(|e| e.len).sum::<u64>()
+            + self.chunks.iter().map(|c| c.stored_len).sum::<u64>()
+    }
+
+    /// Bytes the unit has once decoded, in the destination buffer.
+    pub fn raw_bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.len).sum::<u64>()
+            + self.chunks.iter().map(|c| c.raw_len).sum::<u64>()
+    }
+
+    /// True when some of the unit's bytes are coded, so they cannot be mapped in place.
+    pub fn is_coded(&self) -> bool {
+        self.chunks.iter().any(|c| c.mode != ChunkMode::Raw)
     }
 }

@@ -2,7 +2,7 @@
 //! checksum, every count, range and size are checked before the store is handed out.
 
 use super::format::{Header, Manifest, HEADER_LEN, MAX_MANIFEST_BYTES};
-use super::{ExpectedChecksum, Extent, TensorSlot, UnitLayout, BLOCK};
+use super::{align_up, CodedChunk, ExpectedChecksum, Extent, TensorSlot, UnitLayout, BLOCK};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::fs::File;
@@ -112,7 +112,9 @@ impl Store {
         self.index.get(name).copied()
     }
 
-    /// Read layout of unit `i`: one aligned extent, read whole, checksum verified.
+    /// Read layout of unit `i`, checksum verified: one aligned extent, read whole, for a raw
+    /// unit; its chunks, each read and decoded on its own, for a coded one. The buffer has
+    /// the unit's raw length rounded up to 4096 either way.
     pub fn layout(&self, i: usize) -> Result<UnitLayout> {
         let u = self.manifest.units.get(i).ok_or_else(|| {
             Error::InvalidArgument(format!(
@@ -121,16 +123,35 @@ impl Store {
                 self.path.display()
             ))
         })?;
-        Ok(UnitLayout {
-            name: u.name.clone(),
-            files: vec![self.path.clone()],
-            extents: vec![Extent {
+        let (extents, chunks) = if u.is_coded() {
+            let chunks = u
+                .chunks
+                .iter()
+                .map(|c| CodedChunk {
+                    file: 0,
+                    file_offset: u.offset + c.stored_offset,
+                    stored_len: c.stored_len,
+                    dest_offset: c.raw_offset,
+                    raw_len: c.raw_len,
+                    mode: c.mode,
+                })
+                .collect();
+            (Vec::new(), chunks)
+        } else {
+            let extent = Extent {
                 file: 0,
                 file_offset: u.offset,
                 len: u.padded_length,
                 dest_offset: 0,
-            }],
-            buffer_len: u.padded_length,
+            };
+            (vec![extent], Vec::new())
+        };
+        Ok(UnitLayout {
+            name: u.name.clone(),
+            files: vec![self.path.clone()],
+            extents,
+            chunks,
+            buffer_len: align_up(u.length, BLOCK),
             tensors: u
                 .tensors
                 .iter()

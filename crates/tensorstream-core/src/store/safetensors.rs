@@ -234,6 +234,7 @@ impl SafetensorsView {
             name: unit.to_string(),
             files: self.files.clone(),
             extents,
+            chunks: Vec::new(),
             buffer_len: align_up(dest_end, BLOCK),
             tensors,
             checksum: None,

@@ -5,9 +5,11 @@
 
 use super::checksum::ChunkedHasher;
 use super::format::{
-    Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM, FORMAT_VERSION, HEADER_LEN,
+    ChunkRecord, Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM, FORMAT_VERSION,
+    HEADER_LEN,
 };
 use super::{align_up, DType, BLOCK};
+use crate::codec::{ChunkMode, Encoder, CODEC_BYTEGROUP_ZSTD, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -36,11 +38,30 @@ pub struct StoreWriter {
     units: Vec<UnitRecord>,
     open_unit: Option<OpenUnit>,
     renamed: bool,
+    compression: Option<Compression>,
 }
 
 struct OpenUnit {
     record: UnitRecord,
     hasher: ChunkedHasher,
+    /// Raw bytes of the unit so far.
+    raw_len: u64,
+    /// Set for a unit being coded.
+    coded: Option<CodedUnit>,
+}
+
+/// A unit being coded: raw bytes wait in `staging` until a batch of chunks is full, then
+/// the batch is coded in parallel and written in order.
+struct CodedUnit {
+    /// Raw bytes of the chunks not yet written; they start at chunk `record.chunks.len()`.
+    staging: Vec<u8>,
+    /// Stored offset (relative to the unit) where the next chunk goes, a multiple of 4096.
+    stored_pos: u64,
+}
+
+/// The writer's codec settings and one encoder per coding thread.
+struct Compression {
+    encoders: Vec<Encoder>,
 }
 
 /// Writers align tensors to 256 bytes, more than the 64 the format requires: GPU kernels
@@ -92,6 +113,7 @@ impl StoreWriter {
             units: Vec::new(),
             open_unit: None,
             renamed: false,
+            compression: None,
         };
         // The header block is written last; until then the file has no magic.
         w.write_raw(&ZEROS)?;
@@ -107,6 +129,33 @@ impl StoreWriter {
     /// Record a free-form metadata entry in the manifest.
     pub fn set_metadata(&mut self, key: &str, value: &str) {
         self.metadata.insert(key.to_string(), value.to_string());
+    }
+
+    /// Code the units begun from now on with the `bytegroup-zstd` codec at zstd `level`
+    /// (1 to 22), on `threads` threads (0: the machine's cores, at most 8); or, with
+    /// `None`, store them raw. Records the choice in the metadata (`compression`,
+    /// `compression_level`).
+    pub fn set_compression(&mut self, level: Option<i32>, threads: usize) -> Result<()> {
+        let Some(level) = level else {
+            self.compression = None;
+            self.metadata.insert("compression".into(), "none".into());
+            self.metadata.remove("compression_level");
+            return Ok(());
+        };
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+        } else {
+            threads.min(64)
+        };
+        let encoders = (0..threads)
+            .map(|_| Encoder::new(level))
+            .collect::<Result<Vec<_>>>()?;
+        self.compression = Some(Compression { encoders });
+        self.metadata
+            .insert("compression".into(), CODEC_BYTEGROUP_ZSTD.into());
+        self.metadata
+            .insert("compression_level".into(), level.to_string());
+        Ok(())
     }
 
     /// The temporary file being written (for diagnostics and tests).
@@ -125,15 +174,129 @@ impl StoreWriter {
         Ok(())
     }
 
+    /// Zeros in the file, outside any unit's raw bytes (padding to a block).
     fn write_zeros(&mut self, mut n: u64) -> Result<()> {
         while n > 0 {
             let k = n.min(BLOCK);
             self.write_raw(&ZEROS[..k as usize])?;
-            if let Some(u) = self.open_unit.as_mut() {
-                u.hasher.update(&ZEROS[..k as usize]);
-            }
             n -= k;
         }
+        Ok(())
+    }
+
+    /// Append raw bytes to the open unit: hashed, then written as they are (a raw unit) or
+    /// staged for coding.
+    fn emit(&mut self, mut data: &[u8]) -> Result<()> {
+        let unit = self.open_unit.as_mut().expect("emit inside a unit");
+        unit.hasher.update(data);
+        unit.raw_len += data.len() as u64;
+        if unit.coded.is_none() {
+            return self.write_raw(data);
+        }
+        let batch = self.batch_bytes();
+        while !data.is_empty() {
+            let staging = &mut self
+                .open_unit
+                .as_mut()
+                .expect("open")
+                .coded
+                .as_mut()
+                .expect("coded")
+                .staging;
+            let take = (batch - staging.len()).min(data.len());
+            staging.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if staging.len() == batch {
+                self.flush_chunks()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw zero bytes of the open unit (padding between tensors).
+    fn emit_zeros(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let k = n.min(BLOCK);
+            self.emit(&ZEROS[..k as usize])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn batch_bytes(&self) -> usize {
+        self.compression.as_ref().map_or(1, |c| c.encoders.len()) * CODEC_CHUNK as usize
+    }
+
+    /// Code the staged chunks (in parallel, one per encoder) and write them in order.
+    fn flush_chunks(&mut self) -> Result<()> {
+        let mut unit = self.open_unit.take().expect("flush inside a unit");
+        let r = self.flush_unit_chunks(&mut unit);
+        self.open_unit = Some(unit);
+        r
+    }
+
+    fn flush_unit_chunks(&mut self, unit: &mut OpenUnit) -> Result<()> {
+        let coded = unit.coded.as_mut().expect("coded unit");
+        if coded.staging.is_empty() {
+            return Ok(());
+        }
+        let comp = self
+            .compression
+            .as_mut()
+            .expect("a coded unit has compression");
+        let first = unit.record.chunks.len() as u64 * CODEC_CHUNK;
+        let pieces: Vec<(&[u8], u64)> = coded
+            .staging
+            .chunks(CODEC_CHUNK as usize)
+            .enumerate()
+            .map(|(i, raw)| {
+                let lo = first + i as u64 * CODEC_CHUNK;
+                (
+                    raw,
+                    chunk_width(&unit.record.tensors, lo, lo + raw.len() as u64),
+                )
+            })
+            .collect();
+        let encoders = &mut comp.encoders[..pieces.len()];
+        let modes: Vec<Result<Option<ChunkMode>>> = if pieces.len() == 1 {
+            vec![encoders[0].encode(pieces[0].0, pieces[0].1)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = encoders
+                    .iter_mut()
+                    .zip(&pieces)
+                    .map(|(enc, &(raw, width))| s.spawn(move || enc.encode(raw, width)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("encoder thread panicked"))
+                    .collect()
+            })
+        };
+        for (k, ((raw, _), mode)) in pieces.iter().zip(modes).enumerate() {
+            let (mode, bytes): (ChunkMode, &[u8]) = match mode? {
+                Some(m) => (m, comp.encoders[k].coded()),
+                None => (ChunkMode::Raw, raw),
+            };
+            let out = self.out.as_mut().expect("not finished");
+            out.write_all(bytes)
+                .map_err(|e| Error::io(&self.tmp_path, "write", self.pos, bytes.len() as u64, e))?;
+            self.pos += bytes.len() as u64;
+            let pad = align_up(self.pos, BLOCK) - self.pos;
+            let out = self.out.as_mut().expect("not finished");
+            out.write_all(&ZEROS[..pad as usize])
+                .map_err(|e| Error::io(&self.tmp_path, "write", self.pos, pad, e))?;
+            self.pos += pad;
+            unit.record.chunks.push(ChunkRecord {
+                raw_offset: unit.record.chunks.len() as u64 * CODEC_CHUNK,
+                raw_len: raw.len() as u64,
+                stored_offset: coded.stored_pos,
+                stored_len: bytes.len() as u64,
+                mode,
+            });
+            coded.stored_pos += bytes.len() as u64 + pad;
+        }
+        coded.staging.clear();
         Ok(())
     }
 
@@ -151,17 +314,29 @@ impl StoreWriter {
             )));
         }
         debug_assert_eq!(self.pos % BLOCK, 0);
+        let coded = self.compression.is_some().then(|| CodedUnit {
+            staging: Vec::with_capacity(self.batch_bytes()),
+            stored_pos: 0,
+        });
         self.open_unit = Some(OpenUnit {
             record: UnitRecord {
                 name: name.to_string(),
                 offset: self.pos,
                 length: 0,
                 padded_length: 0,
-                codec: "raw".into(),
+                codec: if coded.is_some() {
+                    CODEC_BYTEGROUP_ZSTD
+                } else {
+                    CODEC_RAW
+                }
+                .into(),
                 checksum: String::new(),
                 tensors: Vec::new(),
+                chunks: Vec::new(),
             },
             hasher: ChunkedHasher::default(),
+            raw_len: 0,
+            coded,
         });
         Ok(())
     }
@@ -191,14 +366,12 @@ impl StoreWriter {
                 unit.record.name
             )));
         }
-        let start = unit.record.offset;
-        let rel = self.pos - start;
+        let rel = unit.raw_len;
         let pad = align_up(rel, WRITE_TENSOR_ALIGN) - rel;
-        self.write_zeros(pad)?;
-        let offset = self.pos - start;
-        self.write_raw(data)?;
+        self.emit_zeros(pad)?;
+        let offset = rel + pad;
+        // Recorded before the bytes, so chunks coded while they stream in see its dtype.
         let unit = self.open_unit.as_mut().expect("checked above");
-        unit.hasher.update(data);
         unit.record.tensors.push(TensorRecord {
             name: name.to_string(),
             dtype,
@@ -206,7 +379,9 @@ impl StoreWriter {
             offset,
             nbytes: data.len() as u64,
         });
-        unit.record.length = self.pos - start;
+        self.emit(data)?;
+        let unit = self.open_unit.as_mut().expect("checked above");
+        unit.record.length = unit.raw_len;
         Ok(())
     }
 
@@ -229,11 +404,23 @@ impl StoreWriter {
                 unit.record.name
             )));
         }
-        let OpenUnit { mut record, hasher } = self.open_unit.take().expect("checked above");
+        if unit.coded.is_some() {
+            self.flush_chunks()?;
+        }
+        let OpenUnit {
+            mut record, hasher, ..
+        } = self.open_unit.take().expect("checked above");
         record.checksum = format!("{:016x}", hasher.finish());
-        record.padded_length = align_up(record.length, BLOCK);
+        if record.chunks.iter().all(|c| c.mode == ChunkMode::Raw) {
+            // Nothing shrank: every chunk went to the file as it is, 4 MiB after 4 MiB,
+            // which is exactly a raw unit. Recording it as one keeps it mappable in place.
+            record.codec = CODEC_RAW.into();
+            record.chunks.clear();
+        }
+        record.padded_length = align_up(record.stored_length(), BLOCK);
         let pad = align_up(self.pos, BLOCK) - self.pos;
         self.write_zeros(pad)?;
+        debug_assert_eq!(self.pos, record.offset + record.padded_length);
         self.units.push(record);
         Ok(())
     }
@@ -291,6 +478,22 @@ impl StoreWriter {
         }
         Ok(self.final_path.clone())
     }
+}
+
+/// The grouping width for raw bytes `lo..hi` of a unit: the element size of the dtype that
+/// covers most of them (ties go to the wider one). Padding counts for nothing.
+fn chunk_width(tensors: &[TensorRecord], lo: u64, hi: u64) -> u64 {
+    let mut by_size = [0u64; 4]; // element sizes 1, 2, 4, 8
+    for t in tensors.iter().rev() {
+        let end = t.offset + t.nbytes;
+        if end <= lo {
+            break; // tensors are in offset order: the rest lie before the chunk
+        }
+        let overlap = end.min(hi).saturating_sub(t.offset.max(lo));
+        by_size[t.dtype.size().trailing_zeros() as usize] += overlap;
+    }
+    let best = (0..4).max_by_key(|&k| by_size[k]).unwrap_or(0);
+    1 << best
 }
 
 impl Drop for StoreWriter {

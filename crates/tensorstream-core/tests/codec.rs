@@ -1,0 +1,770 @@
+//! The `bytegroup-zstd` codec: bit-exact round trips of every dtype through compressed
+//! stores and both backends, on realistic and adversarial data; corrupted chunks and
+//! hostile chunk tables fail with typed errors naming the unit, never a panic.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use tensorstream_core::codec::{decode_all, encode_all, ChunkMode, Decoder, Encoder, CODEC_CHUNK};
+use tensorstream_core::io::AlignedBuf;
+use tensorstream_core::store::{DType, Store, StoreWriter};
+use tensorstream_core::{Error, Priority};
+
+// ---------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------
+
+/// Deterministic uniform numbers in [0, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Normal with standard deviation 0.02, like initialised weights.
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * 0.02
+    }
+}
+
+/// f32 to IEEE half bits, truncating (enough for realistic test data).
+fn f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+    let man = b & 0x7f_ffff;
+    if exp <= 0 {
+        if exp < -10 {
+            sign
+        } else {
+            sign | ((man | 0x80_0000) >> (14 - exp)) as u16
+        }
+    } else if exp >= 31 {
+        sign | 0x7c00
+    } else {
+        sign | ((exp as u16) << 10) | (man >> 13) as u16
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Pattern {
+    /// Weights-like values of the dtype (random-normal floats, small integers).
+    Normal,
+    Zeros,
+    /// Uniform random bytes: incompressible.
+    Random,
+    /// NaNs (several payloads), infinities, signed zeros, subnormals, extremes.
+    Special,
+}
+
+const PATTERNS: [Pattern; 4] = [
+    Pattern::Normal,
+    Pattern::Zeros,
+    Pattern::Random,
+    Pattern::Special,
+];
+
+/// One element's bytes, in the first `dtype.size()` bytes of the array.
+fn element(dtype: DType, p: Pattern, rng: &mut Rng, i: usize) -> [u8; 8] {
+    let size = dtype.size() as usize;
+    let mut out = [0u8; 8];
+    let b = |v: &[u8]| {
+        let mut o = [0u8; 8];
+        o[..v.len()].copy_from_slice(v);
+        o
+    };
+    match p {
+        Pattern::Zeros => out,
+        Pattern::Random => rng.next_u64().to_le_bytes(),
+        Pattern::Normal => {
+            let x = rng.normal();
+            match dtype {
+                DType::F64 => x.to_le_bytes(),
+                DType::F32 => b(&(x as f32).to_le_bytes()),
+                DType::BF16 => b(&(((x as f32).to_bits() >> 16) as u16).to_le_bytes()),
+                DType::F16 => b(&f16_bits(x as f32).to_le_bytes()),
+                // Small integers (token ids, quantised weights): x * 5000 rounded.
+                _ => ((x * 5000.0).round() as i64).to_le_bytes(),
+            }
+        }
+        Pattern::Special => {
+            let k = i % 8;
+            match dtype {
+                DType::F64 => {
+                    let v = [
+                        f64::NAN,
+                        f64::INFINITY,
+                        f64::NEG_INFINITY,
+                        -0.0,
+                        f64::MIN_POSITIVE / 3.0,
+                        f64::MAX,
+                        f64::from_bits(0x7ff0_0000_0000_0001 + rng.next_u64() % 1000),
+                        f64::from_bits(0xfff8_dead_beef_0000),
+                    ][k];
+                    v.to_bits().to_le_bytes()
+                }
+                DType::F32 => {
+                    let v: u32 = [
+                        0x7fc0_0000,
+                        0x7f80_0000,
+                        0xff80_0000,
+                        0x8000_0000,
+                        0x0000_0001,
+                        0x7f7f_ffff,
+                        0x7f80_0001 + (rng.next_u64() % 1000) as u32,
+                        0xffc0_1234,
+                    ][k];
+                    b(&v.to_le_bytes())
+                }
+                _ if size == 2 => {
+                    // Both half and bfloat16 NaN/Inf patterns.
+                    let v: u16 = [
+                        0x7fc0,
+                        0x7f80,
+                        0xff80,
+                        0x8000,
+                        0x7e00,
+                        0x7c00,
+                        0xfc00,
+                        0x0001 + (rng.next_u64() % 7) as u16,
+                    ][k];
+                    b(&v.to_le_bytes())
+                }
+                _ => {
+                    out.fill([0xffu8, 0x7f, 0x80, 0x00, 0x01, 0xfe, 0x7e, 0x81][k]);
+                    out
+                }
+            }
+        }
+    }
+}
+
+fn tensor_bytes(dtype: DType, p: Pattern, elements: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let size = dtype.size() as usize;
+    let mut out = Vec::with_capacity(elements * size);
+    for i in 0..elements {
+        out.extend_from_slice(&element(dtype, p, &mut rng, i)[..size]);
+    }
+    out
+}
+
+fn tensor(name: &str, dtype: DType, p: Pattern, elements: u64, seed: u64) -> TensorData {
+    TensorData {
+        name: name.into(),
+        dtype,
+        shape: vec![elements],
+        data: tensor_bytes(dtype, p, elements as usize, seed),
+    }
+}
+
+/// Write `units` with compression at `level` (None: raw).
+fn write(path: &Path, units: &[UnitData], level: Option<i32>, threads: usize) -> PathBuf {
+    let mut w = StoreWriter::create(path, "fp").unwrap();
+    w.set_compression(level, threads).unwrap();
+    for u in units {
+        w.begin_unit(&u.name).unwrap();
+        for t in &u.tensors {
+            w.add_tensor(&t.name, t.dtype, &t.shape, &t.data).unwrap();
+        }
+        w.end_unit().unwrap();
+    }
+    w.finish().unwrap()
+}
+
+/// Read every unit of `store` through both backends and check each tensor's bytes, and
+/// that the bytes between them are zeros.
+fn check_reads(store: &Store, units: &[UnitData]) {
+    for (bname, backend) in backends() {
+        let engine = engine(backend, 2);
+        for (i, u) in units.iter().enumerate() {
+            let layout = store.layout(i).unwrap();
+            let buf = read_unit(&engine, &layout)
+                .unwrap_or_else(|e| panic!("{bname}: unit {}: {e}", u.name));
+            let rec = &store.manifest().units[i];
+            let mut expect = vec![0u8; rec.length as usize];
+            for (t, tr) in u.tensors.iter().zip(&rec.tensors) {
+                expect[tr.offset as usize..(tr.offset + tr.nbytes) as usize]
+                    .copy_from_slice(&t.data);
+            }
+            assert!(
+                buf[..rec.length as usize] == expect[..],
+                "{bname}: unit {} differs after decoding",
+                u.name
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Round trips
+// ---------------------------------------------------------------------------------------
+
+/// Every dtype, with every pattern, in units whose lengths are multiples of neither the
+/// chunk nor (through odd element counts and a trailing 1-byte tensor) the element width.
+#[test]
+fn every_dtype_round_trips_bit_exact_through_a_compressed_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for (d, dtype) in DType::ALL.into_iter().enumerate() {
+        for (p, pattern) in PATTERNS.into_iter().enumerate() {
+            let seed = (d * 10 + p) as u64;
+            // About 600 KB: one partial chunk; the first pattern of every fourth dtype
+            // spans two chunks and a bit.
+            let bytes = if p == 0 && d % 4 == 0 {
+                2 * CODEC_CHUNK + 777
+            } else {
+                600_001
+            };
+            let elements = (bytes / dtype.size()) | 1;
+            units.push(UnitData {
+                name: format!("{dtype}.{pattern:?}"),
+                tensors: vec![
+                    tensor("w", dtype, pattern, elements, seed),
+                    tensor("tail", DType::U8, pattern, 3, seed + 1),
+                ],
+            });
+        }
+    }
+    let path = write(&dir.path().join("c.tstore"), &units, Some(3), 2);
+    let raw_path = write(&dir.path().join("r.tstore"), &units, None, 0);
+    let store = Store::open(&path).unwrap();
+    let raw = Store::open(&raw_path).unwrap();
+    assert_eq!(store.manifest().metadata["compression"], "bytegroup-zstd");
+    assert_eq!(store.manifest().metadata["compression_level"], "3");
+    assert_eq!(raw.manifest().metadata["compression"], "none");
+    for (c, r) in store.manifest().units.iter().zip(&raw.manifest().units) {
+        // The checksum is of the raw bytes: the same whatever the codec.
+        assert_eq!(
+            (&c.checksum, c.length),
+            (&r.checksum, r.length),
+            "{}",
+            c.name
+        );
+        assert_eq!(c.tensors, r.tensors);
+        let coded = c.codec == "bytegroup-zstd";
+        let float = ["F16.", "BF16.", "F32.", "F64."]
+            .iter()
+            .any(|f| c.name.starts_with(f));
+        if c.name.ends_with("Zeros") || (c.name.ends_with("Normal") && float) {
+            assert!(coded, "{} should compress", c.name);
+            assert!(c.padded_length < r.padded_length, "{}", c.name);
+        }
+        if c.name.ends_with("Random") {
+            // Nothing shrinks below 0.95: stored raw, byte for byte as a raw store.
+            assert_eq!(c.codec, "raw", "{}", c.name);
+            assert_eq!(c.padded_length, r.padded_length);
+        }
+        if coded {
+            for ch in &c.chunks {
+                assert!(ch.mode == ChunkMode::Raw || ch.stored_len * 100 < ch.raw_len * 95);
+                assert_eq!(ch.stored_offset % 4096, 0);
+            }
+        }
+    }
+    check_reads(&store, &units);
+    check_reads(&raw, &units);
+}
+
+/// One unit mixing dtypes, chunk boundaries inside tensors, in compressible and
+/// incompressible parts: some chunks coded, some stored raw.
+#[test]
+fn mixed_units_with_raw_and_coded_chunks_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = vec![
+        UnitData {
+            name: "mixed".into(),
+            tensors: vec![
+                tensor("a", DType::BF16, Pattern::Normal, 1_500_001, 1),
+                tensor("b", DType::U8, Pattern::Random, 5_000_000, 2),
+                tensor("c", DType::F32, Pattern::Normal, 700_003, 3),
+                tensor("d", DType::I64, Pattern::Special, 11, 4),
+                tensor("e", DType::F16, Pattern::Zeros, 1_000_000, 5),
+            ],
+        },
+        UnitData {
+            name: "small".into(),
+            tensors: vec![tensor("w", DType::F32, Pattern::Normal, 5, 6)],
+        },
+    ];
+    for threads in [1, 3] {
+        let path = write(
+            &dir.path().join(format!("m{threads}.tstore")),
+            &units,
+            Some(1),
+            threads,
+        );
+        let store = Store::open(&path).unwrap();
+        let mixed = &store.manifest().units[0];
+        assert_eq!(mixed.codec, "bytegroup-zstd");
+        let modes: Vec<ChunkMode> = mixed.chunks.iter().map(|c| c.mode).collect();
+        assert!(modes.contains(&ChunkMode::Raw), "{modes:?}");
+        assert!(modes.contains(&ChunkMode::Zstd { width: 2 }), "{modes:?}");
+        assert!(modes.contains(&ChunkMode::Zstd { width: 4 }), "{modes:?}");
+        check_reads(&store, &units);
+        // Engine counters: stored bytes read, raw bytes decoded.
+        let (_, backend) = backends().remove(1);
+        let e = engine(backend, 2);
+        let layout = store.layout(0).unwrap();
+        read_unit(&e, &layout).unwrap();
+        let s = e.stats();
+        assert_eq!(s.bytes_read, layout.bytes_to_read());
+        let coded: u64 = layout
+            .chunks
+            .iter()
+            .filter(|c| c.mode != ChunkMode::Raw)
+            .map(|c| c.raw_len)
+            .sum();
+        assert_eq!(s.decoded_bytes, coded);
+        assert!(layout.bytes_to_read() < layout.raw_bytes());
+    }
+}
+
+/// The codec API on its own: any length (not a multiple of the width), any width, any
+/// data, at the writer's chunking.
+#[test]
+fn codec_round_trips_any_length_and_width() {
+    let mut rng = Rng::new(99);
+    for width in [1u64, 2, 3, 4, 8] {
+        for len in (0..40).chain([4095, 4097, 65_537]) {
+            let data: Vec<u8> = (0..len)
+                .map(|i| (rng.next_u64() % 4 + i % 3) as u8)
+                .collect();
+            let coded = encode_all(&data, width, 5).unwrap();
+            let mut back = vec![0u8; data.len()];
+            decode_all(&coded, &mut back).unwrap();
+            assert_eq!(back, data, "width {width}, length {len}");
+        }
+    }
+    // Levels outside zstd's are refused.
+    assert!(matches!(Encoder::new(0), Err(Error::InvalidArgument(_))));
+    assert!(matches!(Encoder::new(23), Err(Error::InvalidArgument(_))));
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = StoreWriter::create(dir.path().join("x.tstore"), "fp").unwrap();
+    assert!(w.set_compression(Some(-1), 1).is_err());
+}
+
+/// Random-normal bf16 weights compress by the ratio the format is for.
+#[test]
+fn random_normal_bf16_compresses_by_more_than_a_third() {
+    let data = tensor_bytes(DType::BF16, Pattern::Normal, CODEC_CHUNK as usize, 5);
+    let coded = encode_all(&data, 2, 3).unwrap();
+    let stored: usize = coded.iter().map(|c| c.1.len()).sum();
+    let ratio = data.len() as f64 / stored as f64;
+    assert!(coded.iter().all(|c| c.0 == ChunkMode::Zstd { width: 2 }));
+    assert!(ratio > 1.33, "ratio {ratio:.3}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Corruption
+// ---------------------------------------------------------------------------------------
+
+fn corruption_units() -> Vec<UnitData> {
+    vec![
+        UnitData {
+            name: "victim".into(),
+            tensors: vec![
+                tensor("w", DType::BF16, Pattern::Normal, 2_200_001, 7),
+                tensor("s", DType::F32, Pattern::Special, 1001, 8),
+            ],
+        },
+        UnitData {
+            name: "bystander".into(),
+            tensors: vec![tensor("w", DType::F32, Pattern::Normal, 300_000, 9)],
+        },
+    ]
+}
+
+/// Reading a corrupted unit either fails with a checksum or format error naming it, or,
+/// if the corruption did not change a decoded byte, succeeds with the right bytes.
+fn check_corrupted_read(
+    store: &Store,
+    units: &[UnitData],
+    engines: &[(&str, tensorstream_core::Engine)],
+) -> std::result::Result<usize, TestCaseError> {
+    let mut failures = 0;
+    for (bname, e) in engines {
+        e.backend().close_all();
+        let layout = store.layout(0).unwrap();
+        match read_unit(e, &layout) {
+            Err(Error::Checksum { unit, .. }) => {
+                prop_assert_eq!(unit, "victim");
+                failures += 1;
+            }
+            Err(err @ Error::Format { .. }) => {
+                prop_assert!(
+                    err.to_string().contains("unit 'victim'"),
+                    "{}: {}",
+                    bname,
+                    err
+                );
+                failures += 1;
+            }
+            Err(err) => return Err(TestCaseError::fail(format!("{bname}: unexpected {err:?}"))),
+            Ok(buf) => {
+                // Only a corruption that decodes to the same bytes may go unnoticed.
+                let rec = &store.manifest().units[0];
+                let mut expect = vec![0u8; rec.length as usize];
+                for (t, tr) in units[0].tensors.iter().zip(&rec.tensors) {
+                    expect[tr.offset as usize..(tr.offset + tr.nbytes) as usize]
+                        .copy_from_slice(&t.data);
+                }
+                prop_assert!(
+                    buf[..expect.len()] == expect[..],
+                    "{}: wrong bytes, no error",
+                    bname
+                );
+            }
+        }
+        // The other unit is unaffected.
+        let other = read_unit(e, &store.layout(1).unwrap());
+        prop_assert!(other.is_ok(), "{}: bystander: {:?}", bname, other.err());
+    }
+    Ok(failures)
+}
+
+/// Random corruption of a coded unit's stored bytes (frames, plane-length headers, raw
+/// tails), one to a few bytes at a time.
+#[test]
+fn corrupted_coded_chunks_fail_with_the_unit_named_never_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = corruption_units();
+    let good = write(&dir.path().join("good.tstore"), &units, Some(3), 2);
+    let store = Store::open(&good).unwrap();
+    let rec = store.manifest().units[0].clone();
+    assert_eq!(rec.codec, "bytegroup-zstd");
+    assert!(
+        rec.chunks
+            .iter()
+            .filter(|c| c.mode != ChunkMode::Raw)
+            .count()
+            >= 2
+    );
+    // Byte positions (in the file) that belong to stored chunk data.
+    let positions: Vec<(u64, u64)> = rec
+        .chunks
+        .iter()
+        .map(|c| (rec.offset + c.stored_offset, c.stored_len))
+        .collect();
+    let original = std::fs::read(&good).unwrap();
+    let target = dir.path().join("bad.tstore");
+    let engines: Vec<(&str, tensorstream_core::Engine)> = backends()
+        .into_iter()
+        .map(|(n, b)| (n, engine(b, 2)))
+        .collect();
+    let failures = std::cell::Cell::new(0usize);
+    let mut runner = runner(48);
+    let strategy = (
+        0..positions.len(),
+        prop_oneof![Just(0u64), Just(1), Just(4), 0..64u64, any::<u64>()],
+        1u8..=255,
+        1usize..4,
+    );
+    runner
+        .run(&strategy, |(chunk, at, xor, n)| {
+            let (start, len) = positions[chunk];
+            let mut file = original.clone();
+            for k in 0..n as u64 {
+                let pos = start + (at.wrapping_add(k * 7919)) % len;
+                file[pos as usize] ^= xor;
+            }
+            std::fs::write(&target, &file).unwrap();
+            let store = Store::open(&target).expect("the manifest is intact");
+            failures.set(failures.get() + check_corrupted_read(&store, &units, &engines)?);
+            Ok(())
+        })
+        .unwrap();
+    let failures = failures.get();
+    assert!(
+        failures > 48,
+        "most corruptions must be detected ({failures})"
+    );
+}
+
+/// Each way a chunk can be broken, deliberately: the plane-length header, the frame
+/// magic, a frame's content, the raw tail. All are errors naming the unit.
+#[test]
+fn specific_chunk_corruptions_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = corruption_units();
+    let good = write(&dir.path().join("good.tstore"), &units, Some(3), 1);
+    let store = Store::open(&good).unwrap();
+    let rec = store.manifest().units[0].clone();
+    let c = rec.chunks[0];
+    assert_eq!(c.mode, ChunkMode::Zstd { width: 2 });
+    let base = (rec.offset + c.stored_offset) as usize;
+    let original = std::fs::read(&good).unwrap();
+    let plane0 = u32::from_le_bytes(original[base..base + 4].try_into().unwrap()) as usize;
+    type FileEdit = Box<dyn Fn(&mut Vec<u8>)>;
+    let edits: Vec<(&str, FileEdit)> = vec![
+        (
+            "plane length +1",
+            Box::new(move |f| f[base] = f[base].wrapping_add(1)),
+        ),
+        ("plane length huge", Box::new(move |f| f[base + 3] = 0xff)),
+        ("frame magic", Box::new(move |f| f[base + 8] ^= 0x55)),
+        (
+            "second frame magic",
+            Box::new(move |f| f[base + 8 + plane0] ^= 0x01),
+        ),
+        (
+            "frame middle",
+            Box::new(move |f| f[base + 8 + plane0 / 2] ^= 0x10),
+        ),
+        (
+            "last stored byte",
+            Box::new(move |f| f[base + c.stored_len as usize - 1] ^= 0x80),
+        ),
+    ];
+    let target = dir.path().join("bad.tstore");
+    let engines: Vec<(&str, tensorstream_core::Engine)> = backends()
+        .into_iter()
+        .map(|(n, b)| (n, engine(b, 1)))
+        .collect();
+    for (what, edit) in edits {
+        let mut file = original.clone();
+        edit(&mut file);
+        std::fs::write(&target, &file).unwrap();
+        let store = Store::open(&target).unwrap();
+        let failures = check_corrupted_read(&store, &units, &engines)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(failures, 2, "{what}: not detected");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Hostile manifests
+// ---------------------------------------------------------------------------------------
+
+/// Chunk tables that lie: each is refused when the store is opened, with a format error.
+#[test]
+fn hostile_chunk_tables_are_format_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir.path().join("good.tstore"),
+        &corruption_units(),
+        Some(3),
+        1,
+    );
+    let raw = RawStore::load(&path);
+    let target = dir.path().join("hostile.tstore");
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let chunk = |k: usize, f: usize, v: serde_json::Value| -> Edit {
+        Box::new(move |m| m["units"][0]["chunks"][k][f] = v.clone())
+    };
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "no chunks",
+            Box::new(|m| m["units"][0]["chunks"] = json!([])),
+        ),
+        (
+            "chunks missing",
+            Box::new(|m| {
+                m["units"][0].as_object_mut().unwrap().remove("chunks");
+            }),
+        ),
+        (
+            "a chunk too many",
+            Box::new(|m| {
+                let c = m["units"][0]["chunks"][0].clone();
+                m["units"][0]["chunks"].as_array_mut().unwrap().push(c);
+            }),
+        ),
+        ("raw offset", chunk(1, 0, json!(1))),
+        ("raw length", chunk(0, 1, json!(CODEC_CHUNK + 1))),
+        ("raw length short", chunk(0, 1, json!(CODEC_CHUNK - 1))),
+        ("stored offset", chunk(1, 2, json!(0))),
+        (
+            "stored offset unaligned",
+            Box::new(|m| {
+                let v = m["units"][0]["chunks"][1][2].as_u64().unwrap();
+                m["units"][0]["chunks"][1][2] = json!(v + 1);
+            }),
+        ),
+        ("stored length zero", chunk(0, 3, json!(0))),
+        (
+            "stored length of a raw chunk",
+            chunk(0, 3, json!(CODEC_CHUNK)),
+        ),
+        ("stored length huge", chunk(0, 3, json!(u64::MAX))),
+        ("stored length negative", chunk(0, 3, json!(-1))),
+        ("mode unknown", chunk(0, 4, json!("bg3-zstd"))),
+        ("mode raw with a coded length", chunk(0, 4, json!("raw"))),
+        ("mode not a string", chunk(0, 4, json!(2))),
+        (
+            "tuple too short",
+            Box::new(|m| m["units"][0]["chunks"][0] = json!([0, 1, 2])),
+        ),
+        (
+            "codec unknown",
+            Box::new(|m| m["units"][0]["codec"] = json!("lz4")),
+        ),
+        (
+            "raw codec with chunks",
+            Box::new(|m| m["units"][0]["codec"] = json!("raw")),
+        ),
+        (
+            "padded length",
+            Box::new(|m| {
+                let v = m["units"][0]["padded_length"].as_u64().unwrap();
+                m["units"][0]["padded_length"] = json!(v + 4096);
+            }),
+        ),
+        (
+            "length beyond the chunks",
+            Box::new(|m| {
+                let v = m["units"][0]["length"].as_u64().unwrap();
+                m["units"][0]["length"] = json!(v + CODEC_CHUNK);
+            }),
+        ),
+        (
+            "length of 2^60",
+            Box::new(|m| m["units"][0]["length"] = json!(1u64 << 60)),
+        ),
+    ];
+    for (what, edit) in cases {
+        raw.write_edited(&target, |m| edit(m));
+        match Store::open(&target) {
+            Err(Error::Format { reason, .. }) => {
+                assert!(!reason.is_empty(), "{what}");
+            }
+            other => panic!(
+                "{what}: expected a format error, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+}
+
+/// Numbers of the chunk table set to boundary values (with a consistent manifest
+/// checksum): the reader refuses, or what it accepts reads in bounds, with at worst a
+/// checksum or format error, never a panic or a huge allocation.
+#[test]
+fn chunk_table_numbers_at_boundaries_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir.path().join("good.tstore"),
+        &corruption_units(),
+        Some(3),
+        1,
+    );
+    let raw = RawStore::load(&path);
+    let target = dir.path().join("numbers.tstore");
+    let engines: Vec<tensorstream_core::Engine> =
+        backends().into_iter().map(|(_, b)| engine(b, 1)).collect();
+    let n_chunks = raw.manifest["units"][0]["chunks"].as_array().unwrap().len();
+    let values = prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(4095),
+        Just(4096),
+        Just(CODEC_CHUNK - 1),
+        Just(CODEC_CHUNK),
+        Just(CODEC_CHUNK + 1),
+        Just(1 << 32),
+        Just(u64::MAX),
+        0..3 * CODEC_CHUNK,
+    ];
+    let modes = prop_oneof![
+        Just("raw"),
+        Just("zstd"),
+        Just("bg2-zstd"),
+        Just("bg4-zstd"),
+        Just("bg8-zstd")
+    ];
+    runner(96)
+        .run(
+            &prop::collection::vec((0..n_chunks, 0..5usize, values, modes), 1..4),
+            |edits| {
+                raw.write_edited(&target, |m| {
+                    for (k, f, v, mode) in &edits {
+                        let c = &mut m["units"][0]["chunks"][*k];
+                        if *f == 4 {
+                            c[4] = json!(mode);
+                        } else {
+                            c[*f] = json!(v);
+                        }
+                    }
+                });
+                match Store::open(&target) {
+                    Err(Error::Format { .. }) => {}
+                    Err(e) => return Err(TestCaseError::fail(format!("unexpected {e:?}"))),
+                    Ok(store) => {
+                        for e in &engines {
+                            e.backend().close_all();
+                            match read_unit(e, &store.layout(0).unwrap()) {
+                                Ok(_) | Err(Error::Checksum { .. }) | Err(Error::Format { .. }) => {
+                                }
+                                Err(e) => {
+                                    return Err(TestCaseError::fail(format!("unexpected {e:?}")))
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Engine
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn mapping_a_coded_unit_in_place_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir.path().join("m.tstore"),
+        &corruption_units(),
+        Some(3),
+        1,
+    );
+    let store = Store::open(&path).unwrap();
+    let layout = store.layout(0).unwrap();
+    assert!(layout.is_coded());
+    let (_, backend) = backends().remove(0);
+    let e = engine(backend, 1);
+    let buf = AlignedBuf::new(layout.buffer_len as usize);
+    // SAFETY: the call is refused before anything is submitted.
+    let r = unsafe { e.submit_populate(&layout, buf.as_ptr(), Priority::Demand) };
+    assert!(matches!(r, Err(Error::InvalidArgument(_))));
+}
+
+/// A decoder fed garbage of any length returns an error, never panics or writes outside
+/// its destination.
+#[test]
+fn decoder_survives_garbage() {
+    let dec = std::cell::RefCell::new(Decoder::new().unwrap());
+    runner(256)
+        .run(
+            &(
+                prop::collection::vec(any::<u8>(), 0..300),
+                0usize..2000,
+                prop_oneof![Just(1u8), Just(2), Just(4), Just(8)],
+            ),
+            |(stored, raw_len, width)| {
+                let mut dst = vec![0u8; raw_len];
+                let mut dec = dec.borrow_mut();
+                let _ = dec.decode(ChunkMode::Zstd { width }, &stored, &mut dst);
+                let _ = dec.decode(ChunkMode::Raw, &stored, &mut dst);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
