@@ -102,11 +102,6 @@ def test_persistent_fault_fails_every_forward_until_cleared_without_prefetch(tmp
     assert _held(model) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a prefetch that failed while the demand read raised keeps its failed ticket "
-    "(runtime.py Runtime._pre only drops the failing unit), so the next forward re-raises it",
-)
 @pytest.mark.parametrize("strategy", ["next_layer", "adaptive"])
 def test_persistent_fault_with_prefetch_leaves_model_usable_once_cleared(tmp_path, expected, strategy):
     model = _streaming_model(tmp_path, strategy)

@@ -132,11 +132,6 @@ def test_conservative_mode_mmap_holds_only_kept_units_between_forwards(tmp_path,
     assert sorted(rt.planner.resident()) == sorted(rt.planner.kept())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in cpu-pread mode evicted units' buffers stay allocated in the SlotPool's idle list "
-    "(runtime.py SlotPool.give/_evict), so conservative mode keeps the peak working set between forwards",
-)
 @pytest.mark.parametrize("strategy", ["none", "next_layer"])
 def test_conservative_mode_pread_holds_only_kept_units_between_forwards(tmp_path, strategy):
     usage, kept_bytes, rt = _conservative_usage(tmp_path, strategy, "pread")

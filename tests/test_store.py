@@ -40,7 +40,11 @@ def test_store_is_written_under_storage_path_with_the_model_class_name(tmp_path)
     assert path.is_file()
     assert ts.get_model_statistics(model)["store_path"] == str(path)
     store = ts._core.Store(str(path))
-    assert [u[0] for u in store.units()] == [f"model.layers.{i}" for i in range(4)]
+    names = [u[0] for u in store.units()]
+    # The blocks first, then the modules streamed only under a small budget (embeddings,
+    # head, norm), so one store serves every budget.
+    assert names[:4] == [f"model.layers.{i}" for i in range(4)]
+    assert set(names[4:]) == {"model.embed_tokens", "lm_head", "model.norm"}
     for _name, offset, length, padded, _codec, _checksum in store.units():
         assert offset % 4096 == 0 and padded % 4096 == 0 and padded >= length
     # Written atomically: no temporary file is left next to it.

@@ -16,7 +16,7 @@ from .config import Config
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
-from .units import ST_TO_TORCH, TORCH_TO_ST, analyse
+from .units import ST_TO_TORCH, TORCH_TO_ST, analyse, streamed_subset, with_candidates
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -48,6 +48,8 @@ def _skeleton(path: str, auto_class, dtype: Optional[torch.dtype], trust_remote_
     cls = auto_class or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         model = cls.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied parameters are one object, so one unit streams them
     return model.eval()
 
 
@@ -156,6 +158,10 @@ def from_pretrained(
     units = analyse(model, config.units)
     if not units:
         raise InvalidArgumentError(f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])")
+    candidates = with_candidates(model, units)[len(units) :]
+    units = streamed_subset(
+        model, units, candidates, config.budget_bytes, config.prefetch_strategy.value, config.memory_pressure_mode.value
+    )
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
     streamed = {id(p.get()) for u in units for p in u.params}
@@ -183,7 +189,11 @@ def from_pretrained(
 
 
 def _relative_name(model: nn.Module, unit, p) -> str:
-    """The parameter's name inside its unit, as a store records it."""
+    """The parameter's name inside its unit, as a store records it (from the model root
+    for a unit made of several modules)."""
+    if len(unit.modules) > 1:
+        full = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        return f"{full[id(p.module)]}.{p.attr}"
     for sub_name, sub in unit.modules[0].named_modules():
         if sub is p.module:
             return f"{sub_name}.{p.attr}" if sub_name else p.attr
@@ -229,7 +239,7 @@ def convert(
 
     path = resolve_checkpoint(checkpoint)
     model = _skeleton(path, auto_class, dtype)
-    units = analyse(model, config.units if config else None)
+    units = with_candidates(model, analyse(model, config.units if config else None))
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
     out = Path(store)

@@ -16,7 +16,7 @@ from .config import Config
 from .errors import InvalidArgumentError, StoreMismatchError, TensorStreamError
 from .runtime import Runtime
 from .sources import StoreSource
-from .units import analyse, fingerprint, write_store
+from .units import analyse, fingerprint, streamed_subset, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
 
@@ -41,7 +41,7 @@ def _clean_stale_temps(store_path: Path) -> None:
                 pass
 
 
-def open_or_write_store(model: nn.Module, units: list, config: Config) -> "_core.Store":
+def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.Store:
     """Reuse the store under `config.storage_path` if it was written for this model, else
     write it. A store written for another model is refused unless `overwrite_store`."""
     root = Path(config.storage_path)
@@ -90,7 +90,12 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
             f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or more "
             "blocks holding parameters; name them with Config(units=[...])"
         )
-    store = open_or_write_store(model, units, config)
+    all_units = with_candidates(model, units)
+    store = open_or_write_store(model, all_units, config)
+    units = streamed_subset(
+        model, units, all_units[len(units) :], config.budget_bytes, config.prefetch_strategy.value,
+        config.memory_pressure_mode.value,
+    )
     runtime = Runtime(model, units, StoreSource(store), config, _model_device(model))
     runtime.install()
     model._tensorstream = runtime

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from . import _core
-from .config import BackendType, Config
+from .config import BackendType, Config, MemoryPressureMode
 from .errors import BudgetError, InvalidArgumentError, StoreMismatchError, TensorStreamError
 from .memory import aligned_empty, available_ram, pinned_empty, total_ram
-from .units import ST_TO_TORCH, UnitSpec, _itemsize, _numel
+from .units import ST_TO_TORCH, UnitSpec, _itemsize, _numel, resident_bytes
 
 log = logging.getLogger("tensorstream")
 
@@ -134,6 +134,10 @@ class SlotPool:
 
     def give(self, buf: torch.Tensor, ready_event=None) -> None:
         self.idle[buf.numel()].append((buf, ready_event))
+
+    def free(self, buf: torch.Tensor) -> None:
+        """Release a buffer's memory instead of keeping it for reuse."""
+        self.allocated -= buf.numel()
 
     def clear(self) -> None:
         self.idle.clear()
@@ -266,7 +270,9 @@ class Runtime:
     # ----------------------------------------------------------------- setup
 
     def install(self) -> None:
-        """Free the units' memory, set up streaming for the current device and install hooks."""
+        """Free the units' memory, set up streaming for the current device and install hooks.
+        The budget is checked first: a model refused for its budget is left untouched."""
+        self._budget_plan()
         self._detach_resident_from_unit_storage()
         for u in self.units:
             self._unbind(u.index)
@@ -275,6 +281,9 @@ class Runtime:
                 self._hooks.append(m.register_forward_hook(partial(self._post, u.index)))
             top = u.modules[0]
             top._apply = partial(self._unit_apply, top)  # instance attribute shadows nn.Module._apply
+        # The root checks a dtype change before anything moves, so a refused model.half()
+        # leaves no module converted.
+        self.model._apply = partial(self._root_apply, self.model)
         self._hooks.append(self.model.register_forward_pre_hook(self._root_pre))
         _trim_heap()
         self.configure()
@@ -335,21 +344,42 @@ class Runtime:
             p.get().data = flat.view(shape)
 
     def _resident_module_bytes(self) -> int:
-        streamed = {id(p.get()) for u in self.units for p in u.params}
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) in streamed or id(t) in seen:
-                continue
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-        return total
+        return resident_bytes(self.model, self.units)
+
+    def _budget_plan(self) -> tuple:
+        """(budget, resident module bytes, default engine backend, mode) for the current
+        device; raises BudgetError, with the numbers, if the budget cannot work."""
+        cfg = self.config
+        dev = self.device
+        resident = self._resident_module_bytes()
+        if dev.type == "cuda":
+            default_budget = int(torch.cuda.mem_get_info(dev)[0] * 0.8)
+        elif dev.type == "cpu":
+            default_budget = max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
+        else:
+            raise InvalidArgumentError(f"device {dev} is not supported; TensorStream streams to CPU or CUDA devices")
+        budget = cfg.budget_bytes if cfg.budget_bytes is not None else default_budget
+        unit_budget = budget - resident
+        strategy = cfg.prefetch_strategy.value
+        pmode = cfg.memory_pressure_mode.value
+        need = _core.Planner.min_budget(self.sizes, strategy, pmode)
+        if unit_budget < need:
+            largest = max(self.sizes) if self.sizes else 0
+            raise BudgetError(
+                f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {dev}: the modules that "
+                f"are not streamed take {resident} bytes, leaving {unit_budget} for streamed units, but the "
+                f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) needs "
+                f"{need // max(largest, 1)} of them in memory at once ({need} bytes). Raise vram_budget_gb to at "
+                f"least {(resident + need) / GiB:.4g} ({resident + need} bytes), or stream more modules (Config.units)."
+            )
+        return budget, resident
 
     def configure(self) -> None:
         """(Re)build the planner, engine and buffers for the current device."""
         self._teardown()
         cfg = self.config
         dev = self.device
-        self.resident_bytes = self._resident_module_bytes()
+        self.budget, self.resident_bytes = self._budget_plan()
         self._cpu_fallback = None
         requested = cfg.backend
         if dev.type == "cuda":
@@ -357,8 +387,7 @@ class Runtime:
             if requested == BackendType.GPUDIRECT:
                 self._probe_gds()
             engine_backend = "mmap" if requested == BackendType.MMAP else "pread_direct"
-            default_budget = int(torch.cuda.mem_get_info(dev)[0] * 0.8)
-        elif dev.type == "cpu":
+        else:
             if requested in (BackendType.CUDA, BackendType.GPUDIRECT):
                 # Offloading on CPU and then calling model.to("cuda") is the usual order, so
                 # this is only a fallback if a forward actually runs on CPU.
@@ -376,23 +405,9 @@ class Runtime:
             else:
                 mode = "cpu-mmap" if self.source.zero_copy and self.source.file_len < 0.5 * available_ram() else "cpu-pread"
             engine_backend = "mmap" if requested == BackendType.MMAP else "pread_direct"
-            default_budget = max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
-        else:
-            raise InvalidArgumentError(f"device {dev} is not supported; TensorStream streams to CPU or CUDA devices")
-        self.budget = cfg.budget_bytes if cfg.budget_bytes is not None else default_budget
         unit_budget = self.budget - self.resident_bytes
         strategy = cfg.prefetch_strategy.value
         pmode = cfg.memory_pressure_mode.value
-        need = _core.Planner.min_budget(self.sizes, strategy, pmode)
-        if unit_budget < need:
-            largest = max(self.sizes) if self.sizes else 0
-            raise BudgetError(
-                f"a budget of {self.budget / GiB:.3f} GiB ({self.budget} bytes) cannot work on {dev}: the modules that "
-                f"are not streamed take {self.resident_bytes} bytes, leaving {unit_budget} for streamed units, but the "
-                f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) needs {need // max(largest, 1)} "
-                f"of them in memory at once ({need} bytes). Raise vram_budget_gb to at least "
-                f"{(self.resident_bytes + need) / GiB:.3f}, or stream more modules (Config.units)."
-            )
         self.planner = _core.Planner(self.sizes, unit_budget, strategy, pmode)
         self.engine = _core.Engine(engine_backend, cfg.num_io_threads, cfg.chunk_mb << 20)
         self._engine_backend = self.engine.backend_name
@@ -490,16 +505,25 @@ class Runtime:
         self.planner = None
         self.mode = None
 
+    def _root_apply(self, model: nn.Module, fn, recurse: bool = True):
+        """`model._apply`: refuse a dtype change of streamed units before anything moves."""
+        self._check_dtype_unchanged(fn)
+        return type(model)._apply(model, fn, recurse)
+
+    def _check_dtype_unchanged(self, fn) -> None:
+        for unit in self.units:
+            for p in unit.params:
+                probe = fn(torch.empty(0, dtype=p.dtype, device=self.device))
+                if probe.dtype != p.dtype:
+                    raise InvalidArgumentError(
+                        f"changing the dtype of a streamed unit after offload() is not supported ({unit.name}: "
+                        f"{p.dtype} -> {probe.dtype}); cast the model before offloading it"
+                    )
+
     def _unit_apply(self, module: nn.Module, fn, recurse: bool = True):
         """`module._apply` of a unit: move what is resident, and stream to the new device."""
         unit = next(u for u in self.units if u.modules[0] is module)
-        for p in unit.params:
-            probe = fn(torch.empty(0, dtype=p.dtype, device=self.device))
-            if probe.dtype != p.dtype:
-                raise InvalidArgumentError(
-                    f"changing the dtype of a streamed unit after offload() is not supported ({unit.name}: "
-                    f"{p.dtype} -> {probe.dtype}); cast the model before offloading it"
-                )
+        self._check_dtype_unchanged(fn)
         self._teardown()
         for p in unit.params:
             p.get().data = torch.empty(0, dtype=p.dtype, device=self.device)
@@ -545,7 +569,11 @@ class Runtime:
             self._ensure_ready(i)
         except BaseException:
             c.errors += 1
-            self._drop_failed(i)
+            # Forget this unit and every read still outstanding (a fault often hits the
+            # prefetches too), so the next call starts clean.
+            for v, st in enumerate(self.state):
+                if v == i or st.ticket is not None:
+                    self._drop_failed(v)
             raise
 
     def _post(self, i: int, _module, _args, _output):
@@ -697,7 +725,10 @@ class Runtime:
             return
         self._unbind(i)
         if st.slot is not None:
-            self.pool.give(st.slot, st.slot_event)
+            if self.config.memory_pressure_mode == MemoryPressureMode.CONSERVATIVE:
+                self.pool.free(st.slot)  # give the memory back, not just the slot
+            else:
+                self.pool.give(st.slot, st.slot_event)
         st.slot = None
         st.slot_event = None
         st.ready_event = None

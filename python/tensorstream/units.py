@@ -115,6 +115,37 @@ def _select_by_names(model: nn.Module, names: Iterable[str]) -> list:
     return chosen
 
 
+def _owners(model: nn.Module) -> dict:
+    """id(parameter) -> ids of every module that registers it."""
+    owners: dict = {}
+    for _, mod in model.named_modules(remove_duplicate=False):
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(mod))
+    return owners
+
+
+def _unit_of(modules: list, name: str, owners: dict, names: dict) -> UnitSpec:
+    """The parameters `modules` stream: those nothing outside them uses."""
+    inside = {id(x) for m in modules for x in m.modules()}
+    spec = UnitSpec(index=0, name=name, modules=list(modules))
+    taken = set()
+    for m in modules:
+        for sub_name, sub in m.named_modules(remove_duplicate=False):
+            for attr, p in sub._parameters.items():
+                if p is None or id(p) in taken or not owners.get(id(p), set()) <= inside:
+                    continue
+                if p.is_sparse or p.is_quantized or p.dtype not in TORCH_TO_ST:
+                    continue
+                taken.add(id(p))
+                if len(modules) == 1:
+                    store_name = f"{sub_name}.{attr}" if sub_name else attr
+                else:  # a group of modules: names from the model root keep them apart
+                    store_name = f"{names.get(id(sub), sub_name)}.{attr}"
+                spec.params.append(ParamRef(sub, attr, store_name, p.dtype, tuple(p.shape)))
+    return spec
+
+
 def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
     """Find the units of `model` and the parameters each streams.
 
@@ -123,34 +154,91 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
     """
     modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    # Who uses each parameter: a list of owning modules (with duplicates for re-registration).
-    owners: dict = {}
-    for _, mod in model.named_modules(remove_duplicate=False):
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), set()).add(id(mod))
+    owners = _owners(model)
     units, seen_modules = [], set()
     for m in modules:
         if id(m) in seen_modules:
             continue  # the same block listed twice (called twice per forward) is one unit
         seen_modules.add(id(m))
-        inside = {id(x) for x in m.modules()}
-        spec = UnitSpec(index=len(units), name=names.get(id(m), type(m).__name__), modules=[m])
-        taken = set()
-        for sub_name, sub in m.named_modules(remove_duplicate=False):
-            for attr, p in sub._parameters.items():
-                if p is None or id(p) in taken or not owners.get(id(p), set()) <= inside:
-                    continue
-                if p.is_sparse or p.is_quantized or p.dtype not in TORCH_TO_ST:
-                    continue
-                taken.add(id(p))
-                store_name = f"{sub_name}.{attr}" if sub_name else attr
-                spec.params.append(ParamRef(sub, attr, store_name, p.dtype, tuple(p.shape)))
+        spec = _unit_of([m], names.get(id(m), type(m).__name__), owners, names)
         if spec.params:
             units.append(spec)
     for i, u in enumerate(units):
         u.index = i
     return units
+
+
+def resident_bytes(model: nn.Module, units: list) -> int:
+    """Bytes of the parameters and buffers that no unit streams."""
+    streamed = {id(p.get()) for u in units for p in u.params}
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in streamed or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def extra_unit_candidates(model: nn.Module, units: list) -> list:
+    """Modules outside the units that can be streamed when the budget cannot hold them
+    (embeddings, the head, norms), largest first. Modules that share a parameter (tied
+    embeddings) form one candidate, accessed by each of them. Stores always hold these too,
+    so that the same store serves every budget."""
+    if not units:
+        return []
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    owners = _owners(model)
+    in_units = {id(x) for u in units for m in u.modules for x in m.modules()}
+    streamed = {id(p.get()) for u in units for p in u.params}
+    groups: list = []
+    for mod in model.modules():
+        mine = {id(p) for p in mod._parameters.values() if p is not None and id(p) not in streamed}
+        if id(mod) in in_units or not mine:
+            continue
+        for g in groups:
+            if mine & g["params"]:
+                g["modules"].append(mod)
+                g["params"] |= mine
+                break
+        else:
+            groups.append({"modules": [mod], "params": mine})
+    candidates = []
+    for g in groups:
+        label = "+".join(names.get(id(m), type(m).__name__) for m in g["modules"])
+        spec = _unit_of(g["modules"], label, owners, names)
+        if spec.params:
+            candidates.append(spec)
+    candidates.sort(key=lambda u: u.nbytes, reverse=True)
+    return candidates
+
+
+def with_candidates(model: nn.Module, units: list) -> list:
+    """The units followed by every extra candidate, indexed: what a store holds."""
+    allu = list(units) + extra_unit_candidates(model, units)
+    for i, u in enumerate(allu):
+        u.index = i
+    return allu
+
+
+def streamed_subset(model: nn.Module, units: list, candidates: list, budget: Optional[int], strategy: str, mode: str) -> list:
+    """The units to stream: `units`, plus as few candidates (largest first) as it takes for
+    the modules left resident to fit the budget beside the streaming window."""
+
+    def fits(us: list) -> bool:
+        sizes = [(u.nbytes + 4095) // 4096 * 4096 + 4096 for u in us]
+        return resident_bytes(model, us) + _core.Planner.min_budget(sizes, strategy, mode) <= budget
+
+    chosen = list(units)
+    if budget is not None:
+        for spec in candidates:
+            if fits(chosen):
+                break
+            chosen.append(spec)
+    out = []
+    for i, u in enumerate(chosen):
+        out.append(UnitSpec(index=i, name=u.name, modules=u.modules, params=u.params))
+    return out
 
 
 def fingerprint(model: nn.Module, units: list) -> str:
