@@ -27,10 +27,9 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from _common import drop_caches, time_generate
     from tensorstream.memory import peak_rss, reset_peak_rss
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(1))
@@ -105,7 +104,6 @@ def main() -> int:
         child(args)
         return 0
     import torch
-
     from _common import build_llama, llama_config, machine, print_table
 
     work = args.workdir or tempfile.mkdtemp(prefix="ts-cpu-bench-")

@@ -157,7 +157,7 @@ def inspect(args) -> int:
     for k, v in sorted(store.metadata.items()):
         print(f"  {k}: {v}")
     engine = _core.Engine("pread_direct", 4) if not args.no_verify else None
-    print(f"\n| unit | offset | bytes | tensors | dtypes | codec | checksum |\n|---|---|---|---|---|---|---|")
+    print("\n| unit | offset | bytes | tensors | dtypes | codec | checksum |\n|---|---|---|---|---|---|---|")
     bad = 0
     for i, (name, offset, length, padded, codec, checksum) in enumerate(store.units()):
         lay = store.layout(i)

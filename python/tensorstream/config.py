@@ -8,9 +8,10 @@ Enum fields accept the enum member or its plain string (``"mmap"``, ``"next_laye
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from .errors import ConfigError
 

@@ -43,31 +43,32 @@ def _clean_stale_temps(store_path: Path) -> None:
 
 def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.Store:
     """Reuse the store under `config.storage_path` if it was written for this model, else
-    write it. A store written for another model is refused unless `overwrite_store`."""
+    write it. A store written for another model is refused unless `overwrite_store`. A
+    store of this model whose compression differs from the config's is rewritten."""
     root = Path(config.storage_path)
     root.mkdir(parents=True, exist_ok=True)
     name = config.store_name or f"{type(model).__name__}.tstore"
     path = root / name
     _clean_stale_temps(path)
     fp = fingerprint(model, units)
+    level = config.compression_level if config.compression_enabled else None
     if path.exists():
         try:
             store = _core.Store(str(path), fp)
-            log.info("reusing store %s", path)
-            return store
+            # The fingerprint is of the raw weights: a store of the same model written with
+            # another compression matches it, and is rewritten as the config asks.
+            meta = store.metadata
+            on_disk = int(meta.get("compression_level", 0)) if meta.get("compression", "none") != "none" else None
+            if on_disk == level:
+                log.info("reusing store %s", path)
+                return store
+            log.info("rewriting store %s: it is compressed at %s, the config asks for %s", path, on_disk, level)
+            del store
         except StoreMismatchError:
             if not config.overwrite_store:
                 raise
             log.warning("overwriting store %s, which was written for another model", path)
-    if config.compression_enabled:
-        import warnings
-
-        warnings.warn(
-            "TensorStream: compression_enabled=True is not implemented in this version; the store is written uncompressed",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    write_store(str(path), fp, model, units, progress=config.debug_mode)
+    write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level)
     return _core.Store(str(path), fp)
 
 

@@ -261,10 +261,14 @@ def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def write_store(path: str, fp: str, model: nn.Module, units: list, progress: bool = False) -> str:
-    """Write the units' parameters to a new store at `path`, atomically."""
+def write_store(
+    path: str, fp: str, model: nn.Module, units: list, progress: bool = False, compression_level: Optional[int] = None
+) -> str:
+    """Write the units' parameters to a new store at `path`, atomically: coded with
+    ``bytegroup-zstd`` at zstd `compression_level` (lossless), or raw when it is None."""
     writer = _core.StoreWriter(path, fp)
     try:
+        writer.set_compression(compression_level)
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
         writer.set_metadata("writer", "tensorstream " + _core.__version__)
         it = units
