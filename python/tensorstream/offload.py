@@ -62,8 +62,12 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
             if on_disk == level:
                 log.info("reusing store %s", path)
                 return store
-            log.info("rewriting store %s: it is compressed at %s, the config asks for %s", path, on_disk, level)
-            del store
+            log.info(
+                "rewriting store %s: it is %s, the config asks for %s",
+                path,
+                "raw" if on_disk is None else f"compressed at level {on_disk}",
+                "no compression" if level is None else f"compression at level {level}",
+            )
         except StoreMismatchError:
             if not config.overwrite_store:
                 raise
