@@ -72,6 +72,7 @@ def test_gpu_logits_and_greedy_tokens_bit_identical_to_model_fully_on_gpu(tmp_pa
     assert s["mode"] == "cuda"
     assert s["device"].startswith("cuda")
     assert s["bytes_h2d"] > 0
+    assert s["pinned_host_bytes"] > 0, "host buffers were not pinned"
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
     assert s["resident_layers"] < s["units"]
     assert not [f for f in s["fallbacks"] if "CUDA device" not in f], s["fallbacks"]
@@ -116,3 +117,15 @@ def test_gpudirect_falls_back_visibly_with_identical_outputs(tmp_path, ids, refe
     assert s["requested_backend"] == "gpudirect"
     assert s["fallbacks"]
     assert any("GPUDirect" in f for f in s["fallbacks"]), s["fallbacks"]
+
+
+def test_host_tier_disabled_streams_from_disk_through_the_staging_ring(tmp_path, ids, reference):
+    model = _offloaded_on_gpu(tmp_path, host_cache_gb=0)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, reference["logits"])
+    s = ts.get_model_statistics(model)
+    # Without the host tier every streamed access reads the disk again.
+    assert s["bytes_read"] > sum(s["unit_bytes"][: s["units"]])
+    assert s["pinned_host_bytes"] > 0  # the staging ring
+    assert not s["fallbacks"], s["fallbacks"]
