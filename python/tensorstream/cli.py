@@ -156,11 +156,15 @@ def inspect(args) -> int:
     print(f"store {store.path}: {store.file_len / 1e9:.3f} GB, fingerprint {store.fingerprint}")
     for k, v in sorted(store.metadata.items()):
         print(f"  {k}: {v}")
+    raw, stored = store.raw_bytes, store.stored_bytes
+    print(f"  units: {raw / 1e9:.3f} GB raw, {stored / 1e9:.3f} GB on disk, compression ratio {raw / max(stored, 1):.3f}")
     engine = _core.Engine("pread_direct", 4) if not args.no_verify else None
-    print("\n| unit | offset | bytes | tensors | dtypes | codec | checksum |\n|---|---|---|---|---|---|---|")
+    print("\n| unit | offset | bytes | stored | ratio | tensors | dtypes | codec | checksum |\n|---|---|---|---|---|---|---|---|---|")
     bad = 0
+    codecs = {name: stored_len for (name, _codec, _len, stored_len, _chunks) in store.unit_codecs()}
     for i, (name, offset, length, padded, codec, checksum) in enumerate(store.units()):
         lay = store.layout(i)
+        stored_len = codecs[name]
         dtypes = sorted({t[1] for t in lay.tensors})
         status = "not verified"
         if engine is not None:
@@ -171,7 +175,10 @@ def inspect(args) -> int:
             except TensorStreamError as e:
                 status = f"CORRUPTED: {e}"
                 bad += 1
-        print(f"| {name} | {offset} | {length} | {len(lay.tensors)} | {','.join(dtypes)} | {codec} | {status} |")
+        print(
+            f"| {name} | {offset} | {length} | {stored_len} | {length / stored_len:.3f} | {len(lay.tensors)} "
+            f"| {','.join(dtypes)} | {codec} | {status} |"
+        )
     return 1 if bad else 0
 
 

@@ -234,7 +234,9 @@ def convert(
 ) -> str:
     """Write an aligned, checksummed store from a safetensors checkpoint, tensor by tensor
     (constant memory), atomically. `store` is a file path or a directory (then the file is
-    ``<ModelClass>.tstore`` inside it). Returns the store's path."""
+    ``<ModelClass>.tstore`` inside it). Returns the store's path. With
+    ``config.compression_enabled`` the units are compressed losslessly at
+    ``config.compression_level``."""
     from safetensors import safe_open
 
     path = resolve_checkpoint(checkpoint)
@@ -257,6 +259,8 @@ def convert(
     writer = _core.StoreWriter(str(out), "pending")
     handles: dict = {}
     try:
+        # Config(compression_enabled=True): units coded losslessly, at compression_level.
+        writer.set_compression(config.compression_level if config is not None and config.compression_enabled else None)
         for u in units:
             writer.begin_unit(u.name)
             fp.update(f"|unit:{u.name}".encode())

@@ -797,6 +797,11 @@ class Runtime:
             "buffered_fallback_bytes": es.get("buffered_fallback_bytes", 0),
             "store_path": self.source.path,
             "source": self.source.kind,
+            "compression_ratio": getattr(self.source, "compression_ratio", 1.0),
+            "store_raw_bytes": getattr(self.source, "raw_bytes", None),
+            "store_stored_bytes": getattr(self.source, "stored_bytes", None),
+            "decoded_bytes": es.get("decoded_bytes", 0),
+            "decode_seconds": es.get("decode_seconds", 0.0),
             "planner": ps,
             "engine": es,
         }

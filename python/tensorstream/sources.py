@@ -9,10 +9,10 @@ from . import _core
 
 
 class StoreSource:
-    """A TensorStream store: aligned, checksummed units; zero-copy mapping allowed on CPU."""
+    """A TensorStream store: aligned, checksummed units; zero-copy mapping allowed on CPU,
+    unless the store holds compressed units (they are decoded into buffers)."""
 
     kind = "store"
-    zero_copy = True
 
     def __init__(self, store: _core.Store):
         self.store = store
@@ -20,6 +20,19 @@ class StoreSource:
         self.files = [store.path]
         self.file_len = store.file_len
         self.unit_offsets = {name: off for (name, off, *_rest) in store.units()}
+        self.raw_bytes = store.raw_bytes
+        self.stored_bytes = store.stored_bytes
+        self.compressed = store.coded_units > 0
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether the parameters can be views of the mapped store: not when units are coded."""
+        return not self.compressed
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw bytes of the units over the bytes they take on disk (1.0: uncompressed)."""
+        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
     def layouts(self, units: list) -> list:
         out = []

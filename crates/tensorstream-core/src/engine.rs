@@ -285,7 +285,7 @@ impl Engine {
                 .is_some_and(|end| end <= layout.buffer_len);
             let sizes = match c.mode {
                 ChunkMode::Raw => c.stored_len == c.raw_len,
-                ChunkMode::Zstd { .. } => (1..=CODEC_CHUNK).contains(&c.stored_len),
+                ChunkMode::Grouped { .. } => (1..=CODEC_CHUNK).contains(&c.stored_len),
             };
             if c.file >= layout.files.len()
                 || !inside

@@ -1,4 +1,4 @@
-//! The `bytegroup-zstd` codec: bit-exact round trips of every dtype through compressed
+//! The `bytegroup` codec: bit-exact round trips of every dtype through compressed
 //! stores and both backends, on realistic and adversarial data; corrupted chunks and
 //! hostile chunk tables fail with typed errors naming the unit, never a panic.
 
@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use tensorstream_core::codec::{decode_all, encode_all, ChunkMode, Decoder, Encoder, CODEC_CHUNK};
+use tensorstream_core::codec::{
+    decode_all, encode_all, huffman, ChunkMode, Decoder, Encoder, PlaneCoder, CODEC_CHUNK,
+};
 use tensorstream_core::io::AlignedBuf;
 use tensorstream_core::store::{DType, Store, StoreWriter};
 use tensorstream_core::{Error, Priority};
@@ -244,7 +246,7 @@ fn every_dtype_round_trips_bit_exact_through_a_compressed_store() {
     let raw_path = write(&dir.path().join("r.tstore"), &units, None, 0);
     let store = Store::open(&path).unwrap();
     let raw = Store::open(&raw_path).unwrap();
-    assert_eq!(store.manifest().metadata["compression"], "bytegroup-zstd");
+    assert_eq!(store.manifest().metadata["compression"], "bytegroup");
     assert_eq!(store.manifest().metadata["compression_level"], "3");
     assert_eq!(raw.manifest().metadata["compression"], "none");
     for (c, r) in store.manifest().units.iter().zip(&raw.manifest().units) {
@@ -256,7 +258,7 @@ fn every_dtype_round_trips_bit_exact_through_a_compressed_store() {
             c.name
         );
         assert_eq!(c.tensors, r.tensors);
-        let coded = c.codec == "bytegroup-zstd";
+        let coded = c.codec == "bytegroup";
         let float = ["F16.", "BF16.", "F32.", "F64."]
             .iter()
             .any(|f| c.name.starts_with(f));
@@ -310,11 +312,17 @@ fn mixed_units_with_raw_and_coded_chunks_round_trip() {
         );
         let store = Store::open(&path).unwrap();
         let mixed = &store.manifest().units[0];
-        assert_eq!(mixed.codec, "bytegroup-zstd");
+        assert_eq!(mixed.codec, "bytegroup");
         let modes: Vec<ChunkMode> = mixed.chunks.iter().map(|c| c.mode).collect();
         assert!(modes.contains(&ChunkMode::Raw), "{modes:?}");
-        assert!(modes.contains(&ChunkMode::Zstd { width: 2 }), "{modes:?}");
-        assert!(modes.contains(&ChunkMode::Zstd { width: 4 }), "{modes:?}");
+        assert!(
+            modes.contains(&ChunkMode::Grouped { width: 2 }),
+            "{modes:?}"
+        );
+        assert!(
+            modes.contains(&ChunkMode::Grouped { width: 4 }),
+            "{modes:?}"
+        );
         check_reads(&store, &units);
         // Engine counters: stored bytes read, raw bytes decoded.
         let (_, backend) = backends().remove(1);
@@ -365,7 +373,7 @@ fn random_normal_bf16_compresses_by_more_than_a_third() {
     let coded = encode_all(&data, 2, 3).unwrap();
     let stored: usize = coded.iter().map(|c| c.1.len()).sum();
     let ratio = data.len() as f64 / stored as f64;
-    assert!(coded.iter().all(|c| c.0 == ChunkMode::Zstd { width: 2 }));
+    assert!(coded.iter().all(|c| c.0 == ChunkMode::Grouped { width: 2 }));
     assert!(ratio > 1.33, "ratio {ratio:.3}");
 }
 
@@ -446,7 +454,7 @@ fn corrupted_coded_chunks_fail_with_the_unit_named_never_a_panic() {
     let good = write(&dir.path().join("good.tstore"), &units, Some(3), 2);
     let store = Store::open(&good).unwrap();
     let rec = store.manifest().units[0].clone();
-    assert_eq!(rec.codec, "bytegroup-zstd");
+    assert_eq!(rec.codec, "bytegroup");
     assert!(
         rec.chunks
             .iter()
@@ -505,25 +513,48 @@ fn specific_chunk_corruptions_are_detected() {
     let store = Store::open(&good).unwrap();
     let rec = store.manifest().units[0].clone();
     let c = rec.chunks[0];
-    assert_eq!(c.mode, ChunkMode::Zstd { width: 2 });
+    assert_eq!(c.mode, ChunkMode::Grouped { width: 2 });
     let base = (rec.offset + c.stored_offset) as usize;
     let original = std::fs::read(&good).unwrap();
-    let plane0 = u32::from_le_bytes(original[base..base + 4].try_into().unwrap()) as usize;
+    // Header: per plane a coder tag and a u32 length. bf16 normal: the low plane (mantissa)
+    // is stored raw, the high plane (sign, exponent) Huffman-coded.
+    let tag = |k: usize| original[base + 5 * k];
+    let len = |k: usize| {
+        u32::from_le_bytes(
+            original[base + 5 * k + 1..base + 5 * k + 5]
+                .try_into()
+                .unwrap(),
+        ) as usize
+    };
+    assert_eq!(
+        (tag(0), tag(1)),
+        (PlaneCoder::Raw as u8, PlaneCoder::Huffman as u8)
+    );
+    let plane1 = base + 10 + len(0);
+    let streams = plane1 + huffman::HEADER;
+    let len1 = len(1);
     type FileEdit = Box<dyn Fn(&mut Vec<u8>)>;
     let edits: Vec<(&str, FileEdit)> = vec![
+        ("coder tag", Box::new(move |f| f[base + 5] = 7)),
+        (
+            "coder tags swapped",
+            Box::new(move |f| f.swap(base, base + 5)),
+        ),
         (
             "plane length +1",
-            Box::new(move |f| f[base] = f[base].wrapping_add(1)),
+            Box::new(move |f| f[base + 1] = f[base + 1].wrapping_add(1)),
         ),
-        ("plane length huge", Box::new(move |f| f[base + 3] = 0xff)),
-        ("frame magic", Box::new(move |f| f[base + 8] ^= 0x55)),
+        ("plane length huge", Box::new(move |f| f[base + 4] = 0xff)),
         (
-            "second frame magic",
-            Box::new(move |f| f[base + 8 + plane0] ^= 0x01),
+            "raw plane byte",
+            Box::new(move |f| f[base + 10 + 77] ^= 0x04),
         ),
+        ("code lengths", Box::new(move |f| f[plane1 + 60] ^= 0x33)),
+        ("stream length", Box::new(move |f| f[plane1 + 128] ^= 0x01)),
+        ("stream start", Box::new(move |f| f[streams] ^= 0x80)),
         (
-            "frame middle",
-            Box::new(move |f| f[base + 8 + plane0 / 2] ^= 0x10),
+            "stream middle",
+            Box::new(move |f| f[streams + len1 / 3] ^= 0x10),
         ),
         (
             "last stored byte",
@@ -602,7 +633,7 @@ fn hostile_chunk_tables_are_format_errors() {
         ),
         ("stored length huge", chunk(0, 3, json!(u64::MAX))),
         ("stored length negative", chunk(0, 3, json!(-1))),
-        ("mode unknown", chunk(0, 4, json!("bg3-zstd"))),
+        ("mode unknown", chunk(0, 4, json!("bg3"))),
         ("mode raw with a coded length", chunk(0, 4, json!("raw"))),
         ("mode not a string", chunk(0, 4, json!(2))),
         (
@@ -681,10 +712,10 @@ fn chunk_table_numbers_at_boundaries_never_panic() {
     ];
     let modes = prop_oneof![
         Just("raw"),
-        Just("zstd"),
-        Just("bg2-zstd"),
-        Just("bg4-zstd"),
-        Just("bg8-zstd")
+        Just("bg1"),
+        Just("bg2"),
+        Just("bg4"),
+        Just("bg8")
     ];
     runner(96)
         .run(
@@ -761,8 +792,61 @@ fn decoder_survives_garbage() {
             |(stored, raw_len, width)| {
                 let mut dst = vec![0u8; raw_len];
                 let mut dec = dec.borrow_mut();
-                let _ = dec.decode(ChunkMode::Zstd { width }, &stored, &mut dst);
+                let _ = dec.decode(ChunkMode::Grouped { width }, &stored, &mut dst);
                 let _ = dec.decode(ChunkMode::Raw, &stored, &mut dst);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+/// Garbage behind a well-formed chunk header (consistent plane lengths, any coder tags):
+/// every coder must survive it.
+#[test]
+fn decoder_survives_garbage_planes_behind_valid_headers() {
+    let dec = std::cell::RefCell::new(Decoder::new().unwrap());
+    runner(512)
+        .run(
+            &(
+                prop_oneof![Just(1usize), Just(2), Just(4)],
+                prop::collection::vec((0u8..4, prop::collection::vec(any::<u8>(), 0..400)), 4),
+                1usize..3000,
+                any::<u64>(),
+            ),
+            |(width, planes, raw_len, seed)| {
+                let tail = raw_len % width;
+                let mut stored = Vec::new();
+                for (tag, payload) in planes.iter().take(width) {
+                    stored.push(*tag);
+                    stored.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+                }
+                for (tag, payload) in planes.iter().take(width) {
+                    let mut p = payload.clone();
+                    if *tag == PlaneCoder::Huffman as u8 && p.len() >= huffman::HEADER {
+                        // Plausible code lengths, so decoding gets past the table.
+                        for (i, b) in p[..128].iter_mut().enumerate() {
+                            *b = if i < 4 {
+                                ((seed >> (8 * i)) as u8 & 0x33) | 0x22
+                            } else {
+                                0
+                            };
+                        }
+                        let n = (p.len() - huffman::HEADER) / 4;
+                        for s in 0..4 {
+                            let l = if s == 3 {
+                                p.len() - huffman::HEADER - 3 * n
+                            } else {
+                                n
+                            };
+                            p[128 + 4 * s..132 + 4 * s].copy_from_slice(&(l as u32).to_le_bytes());
+                        }
+                    }
+                    stored.extend_from_slice(&p);
+                }
+                stored.extend(std::iter::repeat_n(0xAB, tail));
+                let mut dst = vec![0u8; raw_len];
+                let mode = ChunkMode::Grouped { width: width as u8 };
+                let _ = dec.borrow_mut().decode(mode, &stored, &mut dst);
                 Ok(())
             },
         )

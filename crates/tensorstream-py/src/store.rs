@@ -125,8 +125,9 @@ impl PyStoreWriter {
         Ok(())
     }
 
-    /// Code the units begun from now on with `bytegroup-zstd` at zstd `level` on `threads`
-    /// threads (0: the machine's cores, at most 8), or store them raw with `level=None`.
+    /// Code the units begun from now on with the `bytegroup` codec (zstd `level` for the
+    /// planes zstd codes) on `threads` threads (0: the machine's cores, at most 8), or store
+    /// them raw with `level=None`.
     #[pyo3(signature = (level, threads=0))]
     fn set_compression(&mut self, level: Option<i32>, threads: usize) -> PyResult<()> {
         self.w()?.set_compression(level, threads).py()

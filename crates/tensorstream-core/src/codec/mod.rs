@@ -1,21 +1,25 @@
 //! Lossless codecs of stored units.
 //!
-//! A unit stored with the `bytegroup-zstd` codec is cut into chunks of [`CODEC_CHUNK`] raw
-//! bytes (the checksum chunk, so the worker that decodes a chunk also hashes it), each coded
-//! on its own:
+//! A unit stored with the `bytegroup` codec is cut into chunks of [`CODEC_CHUNK`] raw bytes
+//! (the checksum chunk, so the worker that decodes a chunk also hashes it), each coded on
+//! its own:
 //!
 //! - the chunk's bytes are grouped by element width into planes: plane `k` holds byte `k`
 //!   of every element (two planes for bf16 and fp16, four for fp32, eight for 8-byte
-//!   dtypes, none for 1-byte dtypes). The high plane of a float (sign and exponent) carries
+//!   dtypes, one for 1-byte dtypes). The high plane of a float (sign and exponent) carries
 //!   about 2.7 bits of entropy per byte, the low planes (mantissa) nearly 8, and coding them
 //!   apart is what makes floats compress;
-//! - each plane is a separate zstd frame;
+//! - each plane is coded with whichever is smallest, preferring the fastest to decode:
+//!   a canonical Huffman code ([`huffman`]: order-0 entropy, decoded at several GB/s), a
+//!   zstd frame at the writer's level (planes with repeats: zeros, sparse or integer data),
+//!   or nothing (mantissa planes are incompressible);
 //! - a chunk whose coded form is not below 0.95 of its raw size is stored raw.
 //!
 //! Grouping is a permutation of the chunk's bytes, reversible whatever the data: the width
 //! only changes the ratio, never correctness. `docs/store-format.md` describes the bytes.
 
 mod group;
+pub mod huffman;
 
 pub use group::{group, ungroup};
 
@@ -26,8 +30,8 @@ use std::fmt;
 
 /// Codec name of units stored as they are.
 pub const CODEC_RAW: &str = "raw";
-/// Codec name of units coded in byte-grouped, zstd-compressed chunks.
-pub const CODEC_BYTEGROUP_ZSTD: &str = "bytegroup-zstd";
+/// Codec name of units coded in byte-grouped chunks.
+pub const CODEC_BYTEGROUP: &str = "bytegroup";
 /// Raw bytes per coded chunk (the last chunk of a unit may be shorter). Equal to the
 /// checksum chunk, so each chunk is decoded and verified by one worker.
 pub const CODEC_CHUNK: u64 = CHECKSUM_CHUNK;
@@ -36,7 +40,7 @@ pub const CODEC_CHUNK: u64 = CHECKSUM_CHUNK;
 pub const KEEP_CODED_NUM: u64 = 95;
 /// See [`KEEP_CODED_NUM`].
 pub const KEEP_CODED_DEN: u64 = 100;
-/// Compression levels the writer accepts (zstd's).
+/// Compression levels the writer accepts (zstd's, for the planes zstd codes).
 pub const LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
 
 /// How one chunk is stored.
@@ -44,23 +48,23 @@ pub const LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
 pub enum ChunkMode {
     /// The raw bytes, as they are.
     Raw,
-    /// Planes of `width`-byte elements, each a zstd frame (width 1: one frame, no grouping).
-    Zstd {
+    /// Planes of `width`-byte elements, each coded on its own (width 1: one plane).
+    Grouped {
         /// Element width of the grouping: 1, 2, 4 or 8.
         width: u8,
     },
 }
 
 impl ChunkMode {
-    /// The name the manifest records: "raw", "zstd", "bg2-zstd", "bg4-zstd", "bg8-zstd".
+    /// The name the manifest records: "raw", "bg1", "bg2", "bg4", "bg8".
     pub const fn name(self) -> &'static str {
         match self {
             ChunkMode::Raw => "raw",
-            ChunkMode::Zstd { width: 1 } => "zstd",
-            ChunkMode::Zstd { width: 2 } => "bg2-zstd",
-            ChunkMode::Zstd { width: 4 } => "bg4-zstd",
-            ChunkMode::Zstd { width: 8 } => "bg8-zstd",
-            ChunkMode::Zstd { .. } => "invalid",
+            ChunkMode::Grouped { width: 1 } => "bg1",
+            ChunkMode::Grouped { width: 2 } => "bg2",
+            ChunkMode::Grouped { width: 4 } => "bg4",
+            ChunkMode::Grouped { width: 8 } => "bg8",
+            ChunkMode::Grouped { .. } => "invalid",
         }
     }
 
@@ -68,19 +72,19 @@ impl ChunkMode {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "raw" => ChunkMode::Raw,
-            "zstd" => ChunkMode::Zstd { width: 1 },
-            "bg2-zstd" => ChunkMode::Zstd { width: 2 },
-            "bg4-zstd" => ChunkMode::Zstd { width: 4 },
-            "bg8-zstd" => ChunkMode::Zstd { width: 8 },
+            "bg1" => ChunkMode::Grouped { width: 1 },
+            "bg2" => ChunkMode::Grouped { width: 2 },
+            "bg4" => ChunkMode::Grouped { width: 4 },
+            "bg8" => ChunkMode::Grouped { width: 8 },
             _ => return None,
         })
     }
 
-    /// The grouping width for elements of `size` bytes (1, 2, 4 or 8; anything else: 1).
+    /// The grouping for elements of `size` bytes (1, 2, 4 or 8; anything else: 1).
     pub const fn for_element_size(size: u64) -> Self {
         match size {
-            2 | 4 | 8 => ChunkMode::Zstd { width: size as u8 },
-            _ => ChunkMode::Zstd { width: 1 },
+            2 | 4 | 8 => ChunkMode::Grouped { width: size as u8 },
+            _ => ChunkMode::Grouped { width: 1 },
         }
     }
 }
@@ -102,16 +106,36 @@ impl<'de> Deserialize<'de> for ChunkMode {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         ChunkMode::parse(&s).ok_or_else(|| {
             serde::de::Error::custom(format!(
-                "unknown chunk mode '{s}' (known: raw, zstd, bg2-zstd, bg4-zstd, bg8-zstd)"
+                "unknown chunk mode '{s}' (known: raw, bg1, bg2, bg4, bg8)"
             ))
         })
     }
 }
 
-/// Bytes of the plane-length header of a coded chunk of `width` planes.
-const fn header_len(width: usize) -> usize {
-    4 * width
+/// How one plane of a grouped chunk is coded (its tag byte in the chunk header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PlaneCoder {
+    /// The plane's bytes as they are.
+    Raw = 0,
+    /// A zstd frame.
+    Zstd = 1,
+    /// A [`huffman`] payload.
+    Huffman = 2,
 }
+
+/// Bytes of a grouped chunk's header: per plane, a coder tag and a u32 LE payload length.
+const fn header_len(width: usize) -> usize {
+    5 * width
+}
+
+/// Planes whose order-0 entropy is at least this (bits per byte) are stored raw without
+/// trying a coder: mantissa bytes.
+const RAW_ENTROPY: f64 = 7.9;
+
+/// Bytes at the start of a plane that zstd codes first, to see if coding the whole plane
+/// with it could pay.
+const ZSTD_SAMPLE: usize = 128 << 10;
 
 /// Codes chunks. One per writer thread; it keeps its zstd context and scratch memory.
 pub struct Encoder {
@@ -119,7 +143,7 @@ pub struct Encoder {
     cctx: zstd::bulk::Compressor<'static>,
     planes: Vec<u8>,
     out: Vec<u8>,
-    out_len: usize,
+    zbuf: Vec<u8>,
 }
 
 impl Encoder {
@@ -140,7 +164,7 @@ impl Encoder {
             cctx,
             planes: Vec::new(),
             out: Vec::new(),
-            out_len: 0,
+            zbuf: Vec::new(),
         })
     }
 
@@ -155,11 +179,11 @@ impl Encoder {
     /// (coding would not bring it below 0.95 of its size).
     pub fn encode(&mut self, raw: &[u8], width: u64) -> Result<Option<ChunkMode>> {
         let mode = ChunkMode::for_element_size(width);
-        let ChunkMode::Zstd { width } = mode else {
-            unreachable!("for_element_size gives a zstd mode")
+        let ChunkMode::Grouped { width } = mode else {
+            unreachable!("for_element_size gives a grouped mode")
         };
         let w = width as usize;
-        self.out_len = 0;
+        self.out.clear();
         if raw.is_empty() || raw.len() as u64 > CODEC_CHUNK {
             return Err(Error::InvalidArgument(format!(
                 "a coded chunk holds 1 to {CODEC_CHUNK} bytes, got {}",
@@ -167,8 +191,6 @@ impl Encoder {
             )));
         }
         let plane_len = raw.len() / w;
-        let tail = raw.len() - plane_len * w;
-        let limit = (raw.len() as u64 * KEEP_CODED_NUM).div_ceil(KEEP_CODED_DEN) as usize;
         let planes: &[u8] = if w == 1 {
             raw
         } else {
@@ -176,36 +198,78 @@ impl Encoder {
             group(&raw[..plane_len * w], w, &mut self.planes);
             &self.planes
         };
-        let bound = header_len(w) + w * zstd::zstd_safe::compress_bound(plane_len) + tail;
-        if self.out.len() < bound {
-            self.out.resize(bound, 0);
-        }
-        let mut pos = header_len(w);
+        self.out.resize(header_len(w), 0);
         for k in 0..w {
             let plane = &planes[k * plane_len..(k + 1) * plane_len];
-            let n = self
-                .cctx
-                .compress_to_buffer(plane, &mut self.out[pos..])
-                .map_err(|e| Error::InvalidArgument(format!("zstd compression failed: {e}")))?;
-            self.out[4 * k..4 * k + 4].copy_from_slice(&(n as u32).to_le_bytes());
-            pos += n;
-            if pos + tail >= limit {
-                return Ok(None);
-            }
+            let at = self.out.len();
+            let coder = code_plane(&mut self.cctx, &mut self.zbuf, plane, &mut self.out)?;
+            let n = (self.out.len() - at) as u32;
+            self.out[5 * k] = coder as u8;
+            self.out[5 * k + 1..5 * k + 5].copy_from_slice(&n.to_le_bytes());
         }
-        self.out[pos..pos + tail].copy_from_slice(&raw[plane_len * w..]);
-        pos += tail;
-        // Strictly below 0.95 of the raw size, as integers: pos * 100 < raw * 95.
-        if pos as u64 * KEEP_CODED_DEN >= raw.len() as u64 * KEEP_CODED_NUM {
+        self.out.extend_from_slice(&raw[plane_len * w..]);
+        // Strictly below 0.95 of the raw size, as integers: coded * 100 < raw * 95.
+        if self.out.len() as u64 * KEEP_CODED_DEN >= raw.len() as u64 * KEEP_CODED_NUM {
             return Ok(None);
         }
-        self.out_len = pos;
         Ok(Some(mode))
     }
 
     /// The coded bytes of the last chunk [`encode`](Self::encode) coded.
     pub fn coded(&self) -> &[u8] {
-        &self.out[..self.out_len]
+        &self.out
+    }
+}
+
+/// Append `plane` coded with the best coder to `out`; returns the coder.
+fn code_plane(
+    cctx: &mut zstd::bulk::Compressor<'static>,
+    zbuf: &mut Vec<u8>,
+    plane: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<PlaneCoder> {
+    let n = plane.len();
+    if n == 0 {
+        return Ok(PlaneCoder::Raw);
+    }
+    let mut freq = [0u64; 256];
+    for &b in plane {
+        freq[b as usize] += 1;
+    }
+    let entropy: f64 = freq
+        .iter()
+        .filter(|&&f| f > 0)
+        .map(|&f| {
+            let p = f as f64 / n as f64;
+            -p * p.log2()
+        })
+        .sum();
+    if entropy >= RAW_ENTROPY {
+        out.extend_from_slice(plane);
+        return Ok(PlaneCoder::Raw);
+    }
+    let lens = huffman::code_lengths(&freq);
+    let huff = huffman::encoded_size(&freq, &lens);
+    // zstd only where it is clearly smaller (repeats that an order-0 code cannot see):
+    // Huffman decodes faster. A sample tells whether zstd is worth trying on the plane.
+    let mut zstd = |data: &[u8]| {
+        zbuf.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
+        cctx.compress_to_buffer(data, &mut zbuf[..])
+            .map_err(|e| Error::InvalidArgument(format!("zstd compression failed: {e}")))
+    };
+    let sample = &plane[..n.min(ZSTD_SAMPLE)];
+    let promising = sample.len() == n
+        || (zstd(sample)? as f64) < 0.8 * huff as f64 * sample.len() as f64 / n as f64;
+    let z = if promising { zstd(plane)? } else { usize::MAX };
+    if z < n && (z as f64) < 0.9 * huff as f64 {
+        out.extend_from_slice(&zbuf[..z]);
+        Ok(PlaneCoder::Zstd)
+    } else if huff < n {
+        huffman::encode(plane, &lens, out);
+        Ok(PlaneCoder::Huffman)
+    } else {
+        out.extend_from_slice(plane);
+        Ok(PlaneCoder::Raw)
     }
 }
 
@@ -253,8 +317,8 @@ impl Decoder {
                 dst.copy_from_slice(stored);
                 return Ok(());
             }
-            ChunkMode::Zstd { width } if matches!(width, 1 | 2 | 4 | 8) => width as usize,
-            ChunkMode::Zstd { width } => return Err(format!("invalid grouping width {width}")),
+            ChunkMode::Grouped { width } if matches!(width, 1 | 2 | 4 | 8) => width as usize,
+            ChunkMode::Grouped { width } => return Err(format!("invalid grouping width {width}")),
         };
         let plane_len = dst.len() / width;
         let tail = dst.len() - plane_len * width;
@@ -265,17 +329,17 @@ impl Decoder {
                 stored.len()
             ));
         }
-        let mut lens = [0usize; 8];
+        let mut planes_meta = [(0u8, 0usize); 8];
         let mut total = head + tail;
-        for (k, len) in lens.iter_mut().take(width).enumerate() {
-            *len =
-                u32::from_le_bytes(stored[4 * k..4 * k + 4].try_into().expect("4 bytes")) as usize;
-            total = total.saturating_add(*len);
+        for (k, m) in planes_meta.iter_mut().take(width).enumerate() {
+            let len = u32::from_le_bytes(stored[5 * k + 1..5 * k + 5].try_into().expect("4 bytes"));
+            *m = (stored[5 * k], len as usize);
+            total = total.saturating_add(len as usize);
         }
         if total != stored.len() {
             return Err(format!(
                 "plane lengths {:?} plus header and tail make {total} bytes, the chunk has {}",
-                &lens[..width],
+                &planes_meta[..width],
                 stored.len()
             ));
         }
@@ -289,17 +353,33 @@ impl Decoder {
             &mut self.planes[..plane_len * width]
         };
         let mut pos = head;
-        for (k, &len) in lens.iter().take(width).enumerate() {
-            let frame = &stored[pos..pos + len];
+        for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
+            let payload = &stored[pos..pos + len];
             let out = &mut planes[k * plane_len..(k + 1) * plane_len];
-            let n = self
-                .dctx
-                .decompress_to_buffer(frame, out)
-                .map_err(|e| format!("plane {k}: zstd: {e}"))?;
-            if n != plane_len {
-                return Err(format!(
-                    "plane {k} decoded to {n} bytes, expected {plane_len}"
-                ));
+            match coder {
+                c if c == PlaneCoder::Raw as u8 => {
+                    if len != plane_len {
+                        return Err(format!(
+                            "raw plane {k} of {len} bytes, expected {plane_len}"
+                        ));
+                    }
+                    out.copy_from_slice(payload);
+                }
+                c if c == PlaneCoder::Zstd as u8 => {
+                    let n = self
+                        .dctx
+                        .decompress_to_buffer(payload, out)
+                        .map_err(|e| format!("plane {k}: zstd: {e}"))?;
+                    if n != plane_len {
+                        return Err(format!(
+                            "plane {k} decoded to {n} bytes, expected {plane_len}"
+                        ));
+                    }
+                }
+                c if c == PlaneCoder::Huffman as u8 => {
+                    huffman::decode(payload, out).map_err(|e| format!("plane {k}: {e}"))?;
+                }
+                c => return Err(format!("plane {k} has unknown coder {c}")),
             }
             pos += len;
         }

@@ -2,7 +2,7 @@
 //! `docs/store-format.md` is the normative description; this module implements it.
 
 use super::{align_up, DType, BLOCK, TENSOR_ALIGN};
-use crate::codec::{ChunkMode, CODEC_BYTEGROUP_ZSTD, CODEC_CHUNK, CODEC_RAW};
+use crate::codec::{ChunkMode, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -109,7 +109,7 @@ pub struct UnitRecord {
     /// Bytes the unit occupies in the file, a multiple of 4096: `length` rounded up for a
     /// raw unit, the end of the last stored chunk rounded up for a coded one.
     pub padded_length: u64,
-    /// How the unit's bytes are coded on disk: "raw" or "bytegroup-zstd".
+    /// How the unit's bytes are coded on disk: "raw" or "bytegroup".
     pub codec: String,
     /// Checksum of the `length` raw bytes, as 16 hex digits (see `chunked_checksum`).
     pub checksum: String,
@@ -240,9 +240,9 @@ impl Manifest {
             if !names.insert(u.name.as_str()) {
                 return Err(bad(format!("unit '{}' appears twice", u.name)));
             }
-            if u.codec != CODEC_RAW && u.codec != CODEC_BYTEGROUP_ZSTD {
+            if u.codec != CODEC_RAW && u.codec != CODEC_BYTEGROUP {
                 return Err(bad(format!(
-                    "unit '{}' uses codec '{}', which this build cannot decode (known: {CODEC_RAW}, {CODEC_BYTEGROUP_ZSTD})",
+                    "unit '{}' uses codec '{}', which this build cannot decode (known: {CODEC_RAW}, {CODEC_BYTEGROUP})",
                     u.name, u.codec
                 )));
             }
@@ -324,7 +324,7 @@ fn validate_chunks(path: &Path, u: &UnitRecord) -> Result<u64> {
         let stored_offset = align_up(stored_end, BLOCK);
         let len_ok = match c.mode {
             ChunkMode::Raw => c.stored_len == raw_len,
-            ChunkMode::Zstd { .. } => c.stored_len > 0 && c.stored_len < raw_len,
+            ChunkMode::Grouped { .. } => c.stored_len > 0 && c.stored_len < raw_len,
         };
         if c.raw_offset != raw_offset
             || c.raw_len != raw_len

@@ -9,7 +9,7 @@ use super::format::{
     HEADER_LEN,
 };
 use super::{align_up, DType, BLOCK};
-use crate::codec::{ChunkMode, Encoder, CODEC_BYTEGROUP_ZSTD, CODEC_CHUNK, CODEC_RAW};
+use crate::codec::{ChunkMode, Encoder, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -131,7 +131,7 @@ impl StoreWriter {
         self.metadata.insert(key.to_string(), value.to_string());
     }
 
-    /// Code the units begun from now on with the `bytegroup-zstd` codec at zstd `level`
+    /// Code the units begun from now on with the `bytegroup` codec (zstd `level` for the planes zstd codes)
     /// (1 to 22), on `threads` threads (0: the machine's cores, at most 8); or, with
     /// `None`, store them raw. Records the choice in the metadata (`compression`,
     /// `compression_level`).
@@ -152,7 +152,7 @@ impl StoreWriter {
             .collect::<Result<Vec<_>>>()?;
         self.compression = Some(Compression { encoders });
         self.metadata
-            .insert("compression".into(), CODEC_BYTEGROUP_ZSTD.into());
+            .insert("compression".into(), CODEC_BYTEGROUP.into());
         self.metadata
             .insert("compression_level".into(), level.to_string());
         Ok(())
@@ -325,7 +325,7 @@ impl StoreWriter {
                 length: 0,
                 padded_length: 0,
                 codec: if coded.is_some() {
-                    CODEC_BYTEGROUP_ZSTD
+                    CODEC_BYTEGROUP
                 } else {
                     CODEC_RAW
                 }
