@@ -90,6 +90,13 @@ def _file_mappings() -> list:
     return out
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _trim_heap() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise)."""
     try:
@@ -263,6 +270,7 @@ class Runtime:
         self._engine_backend = ""
         self._debug = config.debug_mode
         self._cpu_fallback: Optional[str] = None
+        self._fault_in_now = False
         if self._debug:
             logging.basicConfig()
             log.setLevel(logging.DEBUG)
@@ -412,6 +420,7 @@ class Runtime:
         self.engine = _core.Engine(engine_backend, cfg.num_io_threads, cfg.chunk_mb << 20)
         self._engine_backend = self.engine.backend_name
         self.mode = mode
+        self._fault_in_now = mode == "cpu-mmap" and torch.get_num_threads() >= _usable_cores()
         if mode == "cpu-mmap":
             self._map_store()
         else:
@@ -566,6 +575,11 @@ class Runtime:
             self._load(v, demand=False)
         self._track_peak()
         try:
+            if self._fault_in_now:
+                # Faulting pages in is CPU work: when compute already uses every core, doing it
+                # beside compute only stalls torch's threads. Do it now, in parallel, then compute.
+                for v in prefetch:
+                    self._finish_read(v, wait=True)
             self._ensure_ready(i)
         except BaseException:
             c.errors += 1
