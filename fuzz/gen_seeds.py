@@ -18,13 +18,22 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save as st_save
-
 from tensorstream import _core
 
 HERE = Path(__file__).resolve().parent
 SEEDS = HERE / "seeds"
-ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.uint8: "U8",
-      torch.int8: "I8", torch.bool: "BOOL", torch.float64: "F64", torch.int32: "I32", torch.int16: "I16"}
+ST = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+}
 
 
 def tensor(dtype, shape, seed):
@@ -36,10 +45,19 @@ STORES = {
     "one_unit": [("layers.0", [("weight", torch.float32, (4, 4))])],
     "three_units": [
         ("model.layers.0", [("q.weight", torch.float32, (8, 8)), ("q.bias", torch.float32, (8,))]),
-        ("model.layers.1", [("q.weight", torch.bfloat16, (8, 8)), ("norm", torch.float16, (8,)), ("step", torch.int64, ())]),
-        ("model.layers.2", [("mask", torch.bool, (3, 5)), ("empty", torch.float32, (0, 4)), ("ids", torch.uint8, (7,))]),
+        (
+            "model.layers.1",
+            [("q.weight", torch.bfloat16, (8, 8)), ("norm", torch.float16, (8,)), ("step", torch.int64, ())],
+        ),
+        (
+            "model.layers.2",
+            [("mask", torch.bool, (3, 5)), ("empty", torch.float32, (0, 4)), ("ids", torch.uint8, (7,))],
+        ),
     ],
-    "two_block_unit": [("big", [("w", torch.float32, (1100,)), ("v", torch.int8, (3000,))]), ("small", [("w", torch.float64, (2,))])],
+    "two_block_unit": [
+        ("big", [("w", torch.float32, (1100,)), ("v", torch.int8, (3000,))]),
+        ("small", [("w", torch.float64, (2,))]),
+    ],
     "empty": [],
 }
 
@@ -63,10 +81,18 @@ def write_store(path: str, units, meta: bool) -> None:
 def safetensors_files() -> dict:
     out = {}
     out["one_tensor"] = st_save({"w": tensor(torch.float32, (2, 3), 1)})
-    out["dtypes"] = st_save({f"t.{ST[d].lower()}": tensor(d, (3,), i) for i, d in enumerate(ST)}, metadata={"format": "pt"})
-    out["scalar_and_empty"] = st_save({"s": tensor(torch.float32, (), 2), "e": torch.zeros(0, 5), "v": tensor(torch.int64, (4,), 3)})
+    out["dtypes"] = st_save(
+        {f"t.{ST[d].lower()}": tensor(d, (3,), i) for i, d in enumerate(ST)}, metadata={"format": "pt"}
+    )
+    out["scalar_and_empty"] = st_save(
+        {"s": tensor(torch.float32, (), 2), "e": torch.zeros(0, 5), "v": tensor(torch.int64, (4,), 3)}
+    )
     out["layers"] = st_save(
-        {f"model.layers.{i}.{n}": tensor(torch.bfloat16, (4, 4), i) for i in range(3) for n in ("q.weight", "k.weight")}
+        {
+            f"model.layers.{i}.{n}": tensor(torch.bfloat16, (4, 4), i)
+            for i in range(3)
+            for n in ("q.weight", "k.weight")
+        }
     )
     header = b"{}"
     out["empty_header"] = struct.pack("<Q", len(header)) + header
@@ -74,8 +100,14 @@ def safetensors_files() -> dict:
 
 
 INDEXES = {
-    "valid": {"metadata": {"total_size": 12}, "weight_map": {
-        "a.w": "model-00001-of-00002.safetensors", "a.v": "model-00001-of-00002.safetensors", "b.w": "model-00002-of-00002.safetensors"}},
+    "valid": {
+        "metadata": {"total_size": 12},
+        "weight_map": {
+            "a.w": "model-00001-of-00002.safetensors",
+            "a.v": "model-00001-of-00002.safetensors",
+            "b.w": "model-00002-of-00002.safetensors",
+        },
+    },
     "one_shard": {"weight_map": {"b.w": "model-00002-of-00002.safetensors"}},
     "inner_symlink": {"weight_map": {"b.w": "inner.safetensors"}},
     "outside_symlink": {"weight_map": {"a.w": "link.safetensors"}},
@@ -103,7 +135,9 @@ def main() -> int:
                 off, n = struct.unpack_from("<QQ", data, 16)
                 blocks = (off - 4096) // 4096
                 assert off % 4096 == 0 and blocks < 256
-                (SEEDS / "store_manifest" / f"{tag}.bin").write_bytes(bytes([blocks, 0]) + data[off : off + n])
+                (SEEDS / "store_manifest" / f"{tag}.bin").write_bytes(
+                    bytes([blocks, 0]) + data[off : off + n]
+                )
     for name, data in safetensors_files().items():
         (SEEDS / "safetensors_header" / f"{name}.safetensors").write_bytes(data)
     for name, idx in INDEXES.items():

@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-
 import tensorstream as ts
+import torch
 from tensorstream import _core
 from tensorstream.errors import StoreCorruptedError, StreamIOError
 from tensorstream.memory import aligned_empty
+from torch import nn
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 512
@@ -54,7 +53,8 @@ class Net(nn.Module):
         super().__init__()
         self.inp = nn.Linear(width, width)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) for _ in range(blocks)
+            nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+            for _ in range(blocks)
         )
         self.out = nn.Linear(width, 16)
 
@@ -227,7 +227,9 @@ def test_sigkill_during_offload_leaves_old_or_complete_store_never_a_wrong_one(t
     for k in range(2):
         calib = zygote.run(op="offload", dir=str(tmp_path / f"calib{k}"), seed=1)
         assert calib["error"] is None and calib["end"] is not None, calib
-        assert (tmp_path / f"calib{k}" / STORE).read_bytes() == refs["bytes1"], "the zygote writes the reference bytes"
+        assert (tmp_path / f"calib{k}" / STORE).read_bytes() == refs["bytes1"], (
+            "the zygote writes the reference bytes"
+        )
     t_start, t_end = calib["start"], calib["end"]
     rng = random.Random(1234)
     outcomes = []
@@ -258,7 +260,9 @@ def test_sigkill_during_offload_leaves_old_or_complete_store_never_a_wrong_one(t
                 # Whatever is there must at least be refused; it must never open and verify.
                 with pytest.raises(StoreCorruptedError):
                     verify_store(path)
-                pytest.fail(f"kill {i} at {kill_after:.3f} s left a store with other bytes ({len(data)} bytes)")
+                pytest.fail(
+                    f"kill {i} at {kill_after:.3f} s left a store with other bytes ({len(data)} bytes)"
+                )
             verify_store(path)
         else:
             assert not replacing, "the old store vanished before the new one replaced it"
@@ -275,7 +279,10 @@ def _mount_tmpfs(d: Path, size: int) -> None:
     d.mkdir()
     try:
         r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True, text=True, timeout=20
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"cannot mount a tmpfs here: {e}")
