@@ -133,6 +133,10 @@ const fn header_len(width: usize) -> usize {
 /// trying a coder: mantissa bytes.
 const RAW_ENTROPY: f64 = 7.9;
 
+/// A plane is Huffman-coded only if that brings it below this fraction of its size: a
+/// plane that barely shrinks (the top mantissa bits of fp32) is faster to copy than to decode.
+const HUFFMAN_KEEP: f64 = 0.92;
+
 /// Bytes at the start of a plane that zstd codes first, to see if coding the whole plane
 /// with it could pay.
 const ZSTD_SAMPLE: usize = 128 << 10;
@@ -264,7 +268,7 @@ fn code_plane(
     if z < n && (z as f64) < 0.9 * huff as f64 {
         out.extend_from_slice(&zbuf[..z]);
         Ok(PlaneCoder::Zstd)
-    } else if huff < n {
+    } else if (huff as f64) < HUFFMAN_KEEP * n as f64 {
         huffman::encode(plane, &lens, out);
         Ok(PlaneCoder::Huffman)
     } else {

@@ -1,0 +1,193 @@
+"""Lossless compression benchmark (issue 6), in one run:
+
+1. the codec on 1 GB of random-normal weights (std 0.02, like initialised weights) per
+   dtype, bf16, fp16 and fp32: the ratio, the compression GB/s on 1 and 2 threads, the
+   decode GB/s on 1 and 2 threads (raw bytes out per second, bytes checked after);
+2. end to end, with the disk as the bottleneck: a ~2 GB bf16 Llama-architecture model
+   (hidden 2048, intermediate 5632, 16 layers, vocab 32000) offloaded at a small budget with
+   backend "pread" (O_DIRECT), compression off and on; the cold forward time of a 16-token
+   prompt with the store evicted from the page cache (posix_fadvise DONTNEED) before it:
+   the first forward after offload(), and a later one (the budget's kept units resident,
+   the others streamed). Each setting runs in its own process.
+
+Prints one markdown table. Usage: python bench/compression.py [--level 3] [--gb 1]
+[--budget-gb 0.75] [--workdir DIR] [--skip-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+LAYERS, HIDDEN, INTERMEDIATE = 16, 2048, 5632
+
+
+def codec_rows(gb: float, level: int) -> list:
+    import torch
+    from tensorstream import _core
+
+    rows = []
+    for dtype, width in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+        n = int(gb * 1e9) // width
+        t = torch.empty(n, dtype=dtype)
+        gen = torch.Generator().manual_seed(0)
+        step = 1 << 24
+        for i in range(0, n, step):
+            k = min(step, n - i)
+            t[i : i + k] = torch.randn(k, generator=gen) * 0.02
+        nbytes = n * width
+        res = {}
+        for threads in (1, 2):
+            r = _core.StoreWriter.codec_benchmark(t.data_ptr(), nbytes, width, level, threads, [1, 2] if threads == 1 else [])
+            res[f"enc{threads}"] = nbytes / r["encode_seconds"] / 1e9
+            if threads == 1:
+                res["ratio"] = nbytes / r["stored_bytes"]
+                res["coded"] = f"{r['coded_chunks']}/{r['chunks']}"
+                for k, s in r["decode_seconds"]:
+                    res[f"dec{k}"] = nbytes / s / 1e9
+        rows.append(
+            [
+                str(dtype).split(".")[-1],
+                f"{nbytes / 1e9:.2f}",
+                f"{res['ratio']:.3f}",
+                f"{res['enc1']:.2f}",
+                f"{res['enc2']:.2f}",
+                f"{res['dec1']:.2f}",
+                f"{res['dec2']:.2f}",
+            ]
+        )
+        print(f"codec {rows[-1]} ({res['coded']} chunks coded)", file=sys.stderr, flush=True)
+        del t
+    return rows
+
+
+def child(args) -> None:
+    """One end-to-end setting: build, offload (writing the store), cold forwards."""
+    import torch
+    from _common import build_llama, drop_caches, llama_config
+
+    import tensorstream as ts
+
+    torch.manual_seed(0)
+    cfg = llama_config(HIDDEN, INTERMEDIATE, LAYERS, heads=16)
+    model = build_llama(cfg, torch.bfloat16)
+    ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
+    compress = args.role == "on"
+    config = ts.Config(
+        os.path.join(args.workdir, args.role),
+        vram_budget_gb=args.budget_gb,
+        backend="pread",
+        compression_enabled=compress,
+        compression_level=args.level,
+    )
+    t0 = time.perf_counter()
+    model = ts.offload(model, config)
+    res = {"offload_s": time.perf_counter() - t0}
+    store = ts.get_model_statistics(model)["store_path"]
+    res["store_bytes"] = os.path.getsize(store)
+    times = []
+    for _ in range(3):
+        drop_caches([store])
+        before = ts.get_model_statistics(model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = model(ids).logits
+        times.append(time.perf_counter() - t0)
+        after = ts.get_model_statistics(model)
+        res.setdefault("read_gb", []).append((after["bytes_read"] - before["bytes_read"]) / 1e9)
+    s = ts.get_model_statistics(model)
+    res.update(
+        first_s=times[0],
+        later_s=min(times[1:]),
+        ratio=s["compression_ratio"],
+        decode_s=s["decode_seconds"],
+        mode=s["mode"],
+        backend=s["backend"],
+        budget_gb=s["budget_gb"],
+        logits_sum=float(logits.float().sum()),
+        logits=logits[0, -1, :8].float().tolist(),
+    )
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def e2e(args) -> dict:
+    out = {}
+    for role in ("off", "on"):
+        cmd = [sys.executable, __file__, "--child", role, "--workdir", args.workdir, "--budget-gb", str(args.budget_gb)]
+        cmd += ["--level", str(args.level)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.stderr.write(p.stdout + p.stderr)
+            raise SystemExit(f"{role}: exit {p.returncode}")
+        line = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))
+        out[role] = json.loads(line[len("RESULT ") :])
+        print(f"e2e {role}: {out[role]}", file=sys.stderr, flush=True)
+        shutil.rmtree(os.path.join(args.workdir, role), ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--gb", type=float, default=1.0, help="GB of weights per dtype for the codec rows")
+    ap.add_argument("--budget-gb", type=float, default=0.75)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.role = args.child
+        child(args)
+        return
+    from _common import git_rev, machine, print_table
+
+    own = args.workdir is None
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="ts-compression-")
+    try:
+        rows = codec_rows(args.gb, args.level)
+        e = None if args.skip_e2e else e2e(args)
+    finally:
+        if own:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    header = ["what", "GB", "ratio", "compress GB/s (1 thr)", "compress GB/s (2 thr)", "decode GB/s (1 thr)", "decode GB/s (2 thr)"]
+    table = [[f"codec, random-normal {r[0]}"] + r[1:] for r in rows]
+    if e:
+        off, on = e["off"], e["on"]
+        same = off["logits"] == on["logits"] and off["logits_sum"] == on["logits_sum"]
+        for name, key in (("first", "first_s"), ("later", "later_s")):
+            table.append(
+                [
+                    f"cold forward ({name}), bf16 Llama {LAYERS}x{HIDDEN}, budget {off['budget_gb']:.2f} GiB",
+                    f"{off['store_bytes'] / 1e9:.2f} / {on['store_bytes'] / 1e9:.2f} on disk",
+                    f"{on['ratio']:.3f}",
+                    f"off {off[key]:.2f} s",
+                    f"on {on[key]:.2f} s",
+                    f"on/off {on[key] / off[key]:.2f}x",
+                    f"read {off['read_gb'][-1]:.2f} / {on['read_gb'][-1]:.2f} GB",
+                ]
+            )
+        table.append(
+            [
+                "store write (offload)",
+                "",
+                "",
+                f"off {off['offload_s']:.1f} s",
+                f"on {on['offload_s']:.1f} s",
+                f"outputs identical: {same}",
+                f"backend {on['backend']}",
+            ]
+        )
+    print_table(f"Compression, level {args.level} ({machine()}, rev {git_rev()})", header, table)
+
+
+if __name__ == "__main__":
+    main()
