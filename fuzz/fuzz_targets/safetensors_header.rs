@@ -18,14 +18,19 @@ fuzz_target!(|data: &[u8]| {
             let names: Vec<String> = view.tensors().keys().cloned().collect();
             for (name, loc) in view.tensors() {
                 let end = loc.offset.checked_add(loc.nbytes).expect("end overflows");
-                assert!(end <= data.len() as u64, "tensor {name} {loc:?} past the input");
+                assert!(
+                    end <= data.len() as u64,
+                    "tensor {name} {loc:?} past the input"
+                );
                 assert!(loc.offset >= 8, "tensor {name} inside the length prefix");
                 assert_eq!(loc.dtype.nbytes(&loc.shape), Some(loc.nbytes));
             }
             if names.is_empty() {
                 return;
             }
-            let layout = view.layout("unit", &names).expect("layout of listed tensors");
+            let layout = view
+                .layout("unit", &names)
+                .expect("layout of listed tensors");
             let Some(buf) = check_and_read(&layout, &[data.len() as u64]) else {
                 return;
             };

@@ -38,7 +38,10 @@ fn setup() -> &'static (PathBuf, PathBuf) {
         let ckpt = root.join("ckpt");
         std::fs::create_dir_all(ckpt.join("sub")).expect("dirs");
         shard(&root.join("outside.safetensors"), &["a.w", "x.secret"]);
-        shard(&ckpt.join("model-00001-of-00002.safetensors"), &["a.w", "a.v"]);
+        shard(
+            &ckpt.join("model-00001-of-00002.safetensors"),
+            &["a.w", "a.v"],
+        );
         shard(&ckpt.join("model-00002-of-00002.safetensors"), &["b.w"]);
         shard(&ckpt.join("sub").join("c.safetensors"), &["c.w"]);
         let link = ckpt.join("link.safetensors");
@@ -46,7 +49,8 @@ fn setup() -> &'static (PathBuf, PathBuf) {
         std::os::unix::fs::symlink(root.join("outside.safetensors"), &link).expect("symlink");
         let inner_link = ckpt.join("inner.safetensors");
         let _ = std::fs::remove_file(&inner_link);
-        std::os::unix::fs::symlink("model-00002-of-00002.safetensors", &inner_link).expect("symlink");
+        std::os::unix::fs::symlink("model-00002-of-00002.safetensors", &inner_link)
+            .expect("symlink");
         let canon = ckpt.canonicalize().expect("canonical");
         (ckpt, canon)
     })
@@ -60,13 +64,23 @@ fuzz_target!(|data: &[u8]| {
             let mut lens = Vec::new();
             for f in view.files() {
                 let c = f.canonicalize().expect("accepted shard exists");
-                assert!(c.starts_with(canon), "index reached {} outside {}", c.display(), canon.display());
+                assert!(
+                    c.starts_with(canon),
+                    "index reached {} outside {}",
+                    c.display(),
+                    canon.display()
+                );
                 lens.push(std::fs::metadata(f).expect("stat").len());
             }
-            assert!(!view.tensors().contains_key("x.secret"), "a tensor from outside was exposed");
+            assert!(
+                !view.tensors().contains_key("x.secret"),
+                "a tensor from outside was exposed"
+            );
             let names: Vec<String> = view.tensors().keys().cloned().collect();
             if !names.is_empty() {
-                let layout = view.layout("unit", &names).expect("layout of listed tensors");
+                let layout = view
+                    .layout("unit", &names)
+                    .expect("layout of listed tensors");
                 check_and_read(&layout, &lens);
             }
         }

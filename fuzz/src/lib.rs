@@ -46,21 +46,49 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
     let mut total = 0u64;
     for e in &layout.extents {
         assert!(e.file < layout.files.len(), "extent names file {}", e.file);
-        let end = e.file_offset.checked_add(e.len).expect("extent end overflows");
-        assert!(end <= file_lens[e.file], "extent {e:?} past the end of its file ({})", file_lens[e.file]);
-        let dend = e.dest_offset.checked_add(e.len).expect("dest end overflows");
-        assert!(dend <= layout.buffer_len, "extent {e:?} past the buffer ({})", layout.buffer_len);
+        let end = e
+            .file_offset
+            .checked_add(e.len)
+            .expect("extent end overflows");
+        assert!(
+            end <= file_lens[e.file],
+            "extent {e:?} past the end of its file ({})",
+            file_lens[e.file]
+        );
+        let dend = e
+            .dest_offset
+            .checked_add(e.len)
+            .expect("dest end overflows");
+        assert!(
+            dend <= layout.buffer_len,
+            "extent {e:?} past the buffer ({})",
+            layout.buffer_len
+        );
         dest.push((e.dest_offset, dend));
         total += e.len;
     }
     dest.sort();
     for w in dest.windows(2) {
-        assert!(w[1].0 >= w[0].1, "extents overlap in the destination: {w:?}");
+        assert!(
+            w[1].0 >= w[0].1,
+            "extents overlap in the destination: {w:?}"
+        );
     }
     for t in &layout.tensors {
-        assert_eq!(t.dtype.nbytes(&t.shape), Some(t.nbytes), "tensor {t:?}: nbytes");
-        let end = t.offset.checked_add(t.nbytes).expect("tensor end overflows");
-        assert!(end <= layout.buffer_len, "tensor {t:?} past the buffer ({})", layout.buffer_len);
+        assert_eq!(
+            t.dtype.nbytes(&t.shape),
+            Some(t.nbytes),
+            "tensor {t:?}: nbytes"
+        );
+        let end = t
+            .offset
+            .checked_add(t.nbytes)
+            .expect("tensor end overflows");
+        assert!(
+            end <= layout.buffer_len,
+            "tensor {t:?} past the buffer ({})",
+            layout.buffer_len
+        );
         if t.nbytes > 0 {
             assert!(
                 dest.iter().any(|&(s, e)| t.offset >= s && end <= e),
@@ -69,7 +97,10 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
         }
     }
     if let Some(c) = layout.checksum {
-        assert!(c.covered <= layout.buffer_len, "checksum covers past the buffer");
+        assert!(
+            c.covered <= layout.buffer_len,
+            "checksum covers past the buffer"
+        );
     }
     // Everything read is bounded by the files' lengths, which are bounded by the input.
     assert!(total <= file_lens.iter().sum::<u64>());
@@ -80,7 +111,11 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
     let mut buf = AlignedBuf::new(layout.buffer_len.max(1) as usize);
     for e in &layout.extents {
         let s = e.dest_offset as usize;
-        let r = backend.read_into(&layout.files[e.file], e.file_offset, &mut buf[s..s + e.len as usize]);
+        let r = backend.read_into(
+            &layout.files[e.file],
+            e.file_offset,
+            &mut buf[s..s + e.len as usize],
+        );
         if let Err(err) = r {
             panic!("in-bounds read of {e:?} failed: {err}");
         }

@@ -1,0 +1,388 @@
+//! Regression tests from fuzzing (`fuzz/`, see docs/reliability.md) and the hostile inputs
+//! that the fuzz targets cannot reach.
+//!
+//! - Every fuzz seed (`fuzz/seeds/<target>/`) and every input kept after a crash
+//!   (`fuzz/regressions/<target>/`, none so far: 1.2 million executions per target found no
+//!   crash) is replayed through the same checks as its fuzz target, on the stable toolchain:
+//!   the parser answers a typed error, or a view whose every byte range lies inside its files
+//!   and reads back exactly the bytes the file holds there.
+//! - Hostile checkpoint directories: a named pipe in place of a shard, and the Hugging Face
+//!   cache layout (shards that are symlinks into `../../blobs/`).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+use tensorstream_core::io::{AlignedBuf, PreadBackend, ReadBackend};
+use tensorstream_core::store::{
+    chunked_checksum, SafetensorsView, Store, UnitLayout, BLOCK, FORMAT_VERSION, MAGIC,
+};
+use tensorstream_core::Error;
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
+}
+
+/// The seeds and kept crash inputs of one fuzz target.
+fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in ["seeds", "regressions"] {
+        let dir = fuzz_dir().join(sub).join(target);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                let data = std::fs::read(&p).unwrap();
+                out.push((p, data));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn expect_typed(what: &Path, e: &Error) {
+    assert!(
+        matches!(
+            e,
+            Error::Format { .. } | Error::Io { .. } | Error::Checksum { .. }
+        ),
+        "{}: untyped error {e:?}",
+        what.display()
+    );
+}
+
+/// The checks of `fuzz/src/lib.rs::check_and_read`: extents inside their files and
+/// disjoint in the buffer, tensors inside one extent, then a read of every extent.
+fn check_and_read(what: &Path, layout: &UnitLayout, file_lens: &[u64]) -> AlignedBuf {
+    let ctx = what.display();
+    let mut dest: Vec<(u64, u64)> = Vec::new();
+    for e in &layout.extents {
+        let end = e.file_offset.checked_add(e.len).expect("extent end");
+        assert!(
+            end <= file_lens[e.file],
+            "{ctx}: extent {e:?} past its file"
+        );
+        let dend = e.dest_offset.checked_add(e.len).expect("dest end");
+        assert!(
+            dend <= layout.buffer_len,
+            "{ctx}: extent {e:?} past the buffer"
+        );
+        dest.push((e.dest_offset, dend));
+    }
+    dest.sort();
+    for w in dest.windows(2) {
+        assert!(w[1].0 >= w[0].1, "{ctx}: extents overlap: {w:?}");
+    }
+    for t in &layout.tensors {
+        assert_eq!(t.dtype.nbytes(&t.shape), Some(t.nbytes), "{ctx}: {t:?}");
+        let end = t.offset + t.nbytes;
+        assert!(
+            end <= layout.buffer_len,
+            "{ctx}: tensor {t:?} past the buffer"
+        );
+        if t.nbytes > 0 {
+            assert!(
+                dest.iter().any(|&(s, e)| t.offset >= s && end <= e),
+                "{ctx}: tensor {t:?} outside its extent"
+            );
+        }
+    }
+    let backend = PreadBackend::new(false);
+    let mut buf = AlignedBuf::new(layout.buffer_len.max(1) as usize);
+    for e in &layout.extents {
+        let s = e.dest_offset as usize;
+        backend
+            .read_into(
+                &layout.files[e.file],
+                e.file_offset,
+                &mut buf[s..s + e.len as usize],
+            )
+            .unwrap_or_else(|err| panic!("{ctx}: in-bounds read failed: {err}"));
+    }
+    if let Some(c) = layout.checksum {
+        let _ = chunked_checksum(&buf[..c.covered as usize]) == c.value;
+    }
+    buf
+}
+
+#[test]
+fn store_open_inputs_replay() {
+    let cases = inputs("store_open");
+    assert!(!cases.is_empty(), "no seeds under fuzz/seeds/store_open");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input.tstore");
+    let mut opened = 0;
+    for (what, data) in &cases {
+        std::fs::write(&path, data).unwrap();
+        match Store::open(&path) {
+            Ok(store) => {
+                opened += 1;
+                for i in 0..store.manifest().units.len() {
+                    let layout = store.layout(i).unwrap();
+                    let buf = check_and_read(what, &layout, &[store.file_len()]);
+                    // Seeds are valid stores: their data verifies.
+                    let c = layout.checksum.unwrap();
+                    if what.starts_with(fuzz_dir().join("seeds")) {
+                        assert_eq!(chunked_checksum(&buf[..c.covered as usize]), c.value);
+                    }
+                }
+            }
+            Err(e) => expect_typed(what, &e),
+        }
+    }
+    assert!(opened >= 1, "no valid store among the seeds");
+}
+
+#[test]
+fn store_manifest_inputs_replay() {
+    let cases = inputs("store_manifest");
+    assert!(!cases.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("manifest.tstore");
+    let mut opened = 0;
+    for (what, data) in &cases {
+        if data.len() < 2 {
+            continue;
+        }
+        // The framing of fuzz_targets/store_manifest.rs.
+        let (blocks, slack, manifest) = (data[0] as u64, data[1] as u64, &data[2..]);
+        let manifest_offset = BLOCK + blocks * BLOCK + slack;
+        let file_len = manifest_offset + manifest.len() as u64;
+        let mut header = [0u8; 64];
+        header[0..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        header[16..24].copy_from_slice(&manifest_offset.to_le_bytes());
+        header[24..32].copy_from_slice(&(manifest.len() as u64).to_le_bytes());
+        header[32..40].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(manifest).to_le_bytes());
+        header[40..48].copy_from_slice(&file_len.to_le_bytes());
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(file_len).unwrap();
+        f.write_all_at(&header, 0).unwrap();
+        f.write_all_at(manifest, manifest_offset).unwrap();
+        drop(f);
+        match Store::open(&path) {
+            Ok(store) => {
+                opened += 1;
+                for i in 0..store.manifest().units.len() {
+                    check_and_read(what, &store.layout(i).unwrap(), &[file_len]);
+                }
+            }
+            Err(e) => expect_typed(what, &e),
+        }
+    }
+    assert!(opened >= 1, "no valid manifest among the seeds");
+}
+
+#[test]
+fn safetensors_header_inputs_replay() {
+    let cases = inputs("safetensors_header");
+    assert!(!cases.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let mut opened = 0;
+    for (what, data) in &cases {
+        std::fs::write(dir.path().join("model.safetensors"), data).unwrap();
+        match SafetensorsView::open(dir.path()) {
+            Ok(view) => {
+                opened += 1;
+                let names: Vec<String> = view.tensors().keys().cloned().collect();
+                if names.is_empty() {
+                    continue;
+                }
+                let layout = view.layout("unit", &names).unwrap();
+                let buf = check_and_read(what, &layout, &[data.len() as u64]);
+                for slot in &layout.tensors {
+                    let loc = &view.tensors()[&slot.name];
+                    let want = &data[loc.offset as usize..(loc.offset + loc.nbytes) as usize];
+                    let got = &buf[slot.offset as usize..(slot.offset + slot.nbytes) as usize];
+                    assert_eq!(want, got, "{}: tensor {}", what.display(), slot.name);
+                }
+            }
+            Err(e) => expect_typed(what, &e),
+        }
+    }
+    assert!(opened >= 1);
+}
+
+/// A safetensors file of U8 tensors of 4 bytes each, consecutive.
+fn shard(path: &Path, names: &[&str]) {
+    let entries: Vec<String> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            format!(
+                r#""{n}":{{"dtype":"U8","shape":[4],"data_offsets":[{},{}]}}"#,
+                4 * i,
+                4 * i + 4
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend((0..4 * names.len()).map(|i| i as u8));
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn safetensors_index_inputs_replay() {
+    let cases = inputs("safetensors_index");
+    assert!(!cases.is_empty());
+    // The directory of fuzz_targets/safetensors_index.rs.
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("ckpt");
+    std::fs::create_dir_all(ckpt.join("sub")).unwrap();
+    shard(
+        &root.path().join("outside.safetensors"),
+        &["a.w", "x.secret"],
+    );
+    shard(
+        &ckpt.join("model-00001-of-00002.safetensors"),
+        &["a.w", "a.v"],
+    );
+    shard(&ckpt.join("model-00002-of-00002.safetensors"), &["b.w"]);
+    shard(&ckpt.join("sub").join("c.safetensors"), &["c.w"]);
+    std::os::unix::fs::symlink(
+        root.path().join("outside.safetensors"),
+        ckpt.join("link.safetensors"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "model-00002-of-00002.safetensors",
+        ckpt.join("inner.safetensors"),
+    )
+    .unwrap();
+    let canon = ckpt.canonicalize().unwrap();
+    let mut opened = 0;
+    for (what, data) in &cases {
+        std::fs::write(ckpt.join("model.safetensors.index.json"), data).unwrap();
+        match SafetensorsView::open(&ckpt) {
+            Ok(view) => {
+                opened += 1;
+                let mut lens = Vec::new();
+                for f in view.files() {
+                    let c = f.canonicalize().unwrap();
+                    assert!(
+                        c.starts_with(&canon),
+                        "{}: reached {}",
+                        what.display(),
+                        c.display()
+                    );
+                    lens.push(std::fs::metadata(f).unwrap().len());
+                }
+                assert!(!view.tensors().contains_key("x.secret"));
+                let names: Vec<String> = view.tensors().keys().cloned().collect();
+                if !names.is_empty() {
+                    check_and_read(what, &view.layout("unit", &names).unwrap(), &lens);
+                }
+            }
+            Err(e) => expect_typed(what, &e),
+        }
+    }
+    assert!(opened >= 2, "the valid seeds should open");
+}
+
+/// Run `f` on a thread; None if it has not returned within `secs` (it is left blocked).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs)).ok()
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo reads it only.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+/// Release a reader blocked opening `path` (a FIFO): open it for writing, then close.
+fn unblock(path: &Path) {
+    let _ = std::fs::OpenOptions::new().write(true).open(path);
+}
+
+#[test]
+#[ignore = "BUG: a named pipe in place of a shard (or of the store) blocks SafetensorsView::open / Store::open forever in open(2); refuse non-regular files (open with O_NONBLOCK, then check metadata().is_file()) before reading"]
+fn named_pipe_as_shard_or_store_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    mkfifo(&d.join("model-00001-of-00001.safetensors"));
+    std::fs::write(
+        d.join("model.safetensors.index.json"),
+        br#"{"weight_map":{"w":"model-00001-of-00001.safetensors"}}"#,
+    )
+    .unwrap();
+    let d2 = d.clone();
+    let r = within(5, move || SafetensorsView::open(&d2).map(|_| ()));
+    if r.is_none() {
+        unblock(&d.join("model-00001-of-00001.safetensors"));
+    }
+    match r {
+        Some(Err(Error::Format { .. })) | Some(Err(Error::Io { .. })) => {}
+        Some(other) => panic!("a FIFO shard gave {other:?}"),
+        None => panic!("SafetensorsView::open blocked on a FIFO shard"),
+    }
+
+    let store = d.join("model.tstore");
+    mkfifo(&store);
+    let s2 = store.clone();
+    let r = within(5, move || Store::open(&s2).map(|_| ()));
+    if r.is_none() {
+        unblock(&store);
+    }
+    match r {
+        Some(Err(Error::Format { .. })) | Some(Err(Error::Io { .. })) => {}
+        Some(other) => panic!("a FIFO store gave {other:?}"),
+        None => panic!("Store::open blocked on a FIFO"),
+    }
+}
+
+/// The Hugging Face cache: `models--org--name/snapshots/<commit>/` holds symlinks into
+/// `../../blobs/`. `resolve_checkpoint()` hands such a snapshot directory to the view.
+fn hf_cache_snapshot(root: &Path, sharded: bool) -> PathBuf {
+    let repo = root.join("models--org--tiny");
+    let blobs = repo.join("blobs");
+    let snap = repo.join("snapshots").join("a".repeat(40));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    let link = |blob: &str, name: &str| {
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(name)).unwrap();
+    };
+    if sharded {
+        shard(&blobs.join("1111"), &["model.layers.0.w"]);
+        shard(&blobs.join("2222"), &["model.layers.1.w"]);
+        std::fs::write(
+            blobs.join("3333"),
+            br#"{"weight_map":{"model.layers.0.w":"model-00001-of-00002.safetensors","model.layers.1.w":"model-00002-of-00002.safetensors"}}"#,
+        )
+        .unwrap();
+        link("1111", "model-00001-of-00002.safetensors");
+        link("2222", "model-00002-of-00002.safetensors");
+        link("3333", "model.safetensors.index.json");
+    } else {
+        shard(&blobs.join("4444"), &["model.layers.0.w"]);
+        link("4444", "model.safetensors");
+    }
+    snap
+}
+
+#[test]
+fn hf_cache_single_file_snapshot_opens() {
+    let root = tempfile::tempdir().unwrap();
+    let snap = hf_cache_snapshot(root.path(), false);
+    let view = SafetensorsView::open(&snap).unwrap();
+    assert_eq!(view.tensors().len(), 1);
+}
+
+#[test]
+#[ignore = "BUG: sharded checkpoints in the Hugging Face cache are refused: their shards are symlinks into ../../blobs/, which contained_path (store/safetensors.rs) rejects as 'outside the checkpoint directory'. Allow a symlink whose target lies in the blobs/ directory of the same cache repository (<root>/../../blobs) when the root is <repo>/snapshots/<commit>"]
+fn hf_cache_sharded_snapshot_opens() {
+    let root = tempfile::tempdir().unwrap();
+    let snap = hf_cache_snapshot(root.path(), true);
+    let view = SafetensorsView::open(&snap).unwrap();
+    assert_eq!(view.tensors().len(), 2);
+}
