@@ -119,10 +119,34 @@ INDEXES = {
 }
 
 
+def codec_seeds() -> dict:
+    """Raw chunks for the codec_decode target: weights as bf16, f16 and f32 bytes, small
+    integers, zeros. Byte 0 picks the mode (1: round trip, 2: encode then corrupt)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2048, generator=g) * 0.02
+    raws = {
+        "bf16": (2, w.to(torch.bfloat16).view(torch.uint8).numpy().tobytes()),
+        "f16": (2, w.to(torch.float16).view(torch.uint8).numpy().tobytes()),
+        "f32": (4, w.view(torch.uint8).numpy().tobytes()),
+        "i64": (8, torch.arange(300, dtype=torch.int64).view(torch.uint8).numpy().tobytes()),
+        "u8": (1, bytes(range(256)) * 8),
+        "zeros": (4, bytes(4096)),
+    }
+    widx = {1: 0, 2: 1, 4: 2, 8: 3}
+    out = {}
+    for name, (width, raw) in raws.items():
+        out[f"roundtrip_{name}"] = bytes([1, widx[width]]) + raw
+        out[f"corrupt_{name}"] = bytes([2, widx[width], 7, 0, 0x10, 0]) + raw
+    # Hostile decode framing: a raw chunk of 16 bytes, and a grouped one with a bad header.
+    out["decode_raw"] = bytes([0, 0]) + (16 << 8).to_bytes(3, "little") + bytes(range(16))
+    out["decode_bg2"] = bytes([0, 2]) + (64 << 8).to_bytes(3, "little") + bytes(10) + bytes(range(64))
+    return out
+
+
 def main() -> int:
     if SEEDS.exists():
         shutil.rmtree(SEEDS)
-    for t in ("store_open", "store_manifest", "safetensors_header", "safetensors_index"):
+    for t in ("store_open", "store_manifest", "safetensors_header", "safetensors_index", "codec_decode"):
         (SEEDS / t).mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, units in STORES.items():
@@ -142,6 +166,8 @@ def main() -> int:
         (SEEDS / "safetensors_header" / f"{name}.safetensors").write_bytes(data)
     for name, idx in INDEXES.items():
         (SEEDS / "safetensors_index" / f"{name}.json").write_text(json.dumps(idx, indent=1))
+    for name, data in codec_seeds().items():
+        (SEEDS / "codec_decode" / f"{name}.bin").write_bytes(data)
     for t in sorted(SEEDS.iterdir()):
         files = list(t.iterdir())
         print(f"{t.name}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")
