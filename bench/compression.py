@@ -8,7 +8,9 @@
    backend "pread" (O_DIRECT), compression off and on; the cold forward time of a 16-token
    prompt with the store evicted from the page cache (posix_fadvise DONTNEED) before it:
    the first forward after offload(), and a later one (the budget's kept units resident,
-   the others streamed). Each setting runs in its own process.
+   the others streamed); with torch on 1 thread and on its default (one per core): on a
+   small CPU the decoding workers and torch's threads share the cores. The in-memory forward
+   time of the same model is shown for reference. Each setting runs in its own process.
 
 Prints one markdown table. Usage: python bench/compression.py [--level 3] [--gb 1]
 [--budget-gb 0.75] [--workdir DIR] [--skip-e2e]
@@ -47,7 +49,9 @@ def codec_rows(gb: float, level: int) -> list:
         nbytes = n * width
         res = {}
         for threads in (1, 2):
-            r = _core.StoreWriter.codec_benchmark(t.data_ptr(), nbytes, width, level, threads, [1, 2] if threads == 1 else [])
+            r = _core.StoreWriter.codec_benchmark(
+                t.data_ptr(), nbytes, width, level, threads, [1, 2] if threads == 1 else []
+            )
             res[f"enc{threads}"] = nbytes / r["encode_seconds"] / 1e9
             if threads == 1:
                 res["ratio"] = nbytes / r["stored_bytes"]
@@ -72,15 +76,22 @@ def codec_rows(gb: float, level: int) -> list:
 
 def child(args) -> None:
     """One end-to-end setting: build, offload (writing the store), cold forwards."""
+    import tensorstream as ts
     import torch
     from _common import build_llama, drop_caches, llama_config
 
-    import tensorstream as ts
-
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     cfg = llama_config(HIDDEN, INTERMEDIATE, LAYERS, heads=16)
     model = build_llama(cfg, torch.bfloat16)
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
+    mem = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(ids)
+        mem.append(time.perf_counter() - t0)
     compress = args.role == "on"
     config = ts.Config(
         os.path.join(args.workdir, args.role),
@@ -91,7 +102,7 @@ def child(args) -> None:
     )
     t0 = time.perf_counter()
     model = ts.offload(model, config)
-    res = {"offload_s": time.perf_counter() - t0}
+    res = {"offload_s": time.perf_counter() - t0, "mem_s": min(mem), "torch_threads": torch.get_num_threads()}
     store = ts.get_model_statistics(model)["store_path"]
     res["store_bytes"] = os.path.getsize(store)
     times = []
@@ -119,11 +130,20 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def e2e(args) -> dict:
+def e2e(args, torch_threads: int) -> dict:
     out = {}
     for role in ("off", "on"):
-        cmd = [sys.executable, __file__, "--child", role, "--workdir", args.workdir, "--budget-gb", str(args.budget_gb)]
-        cmd += ["--level", str(args.level)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            role,
+            "--workdir",
+            args.workdir,
+            "--budget-gb",
+            str(args.budget_gb),
+        ]
+        cmd += ["--level", str(args.level), "--torch-threads", str(torch_threads)]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             sys.stderr.write(p.stdout + p.stderr)
@@ -142,6 +162,9 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=0.75)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument(
+        "--torch-threads", type=int, default=None, help="only this torch thread count (0: default)"
+    )
     ap.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -154,34 +177,44 @@ def main() -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="ts-compression-")
     try:
         rows = codec_rows(args.gb, args.level)
-        e = None if args.skip_e2e else e2e(args)
+        threads = [args.torch_threads] if args.torch_threads is not None else [1, 0]
+        runs = [] if args.skip_e2e else [e2e(args, n) for n in threads]
     finally:
         if own:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    header = ["what", "GB", "ratio", "compress GB/s (1 thr)", "compress GB/s (2 thr)", "decode GB/s (1 thr)", "decode GB/s (2 thr)"]
+    header = [
+        "what",
+        "GB",
+        "ratio",
+        "compress GB/s (1 thr)",
+        "compress GB/s (2 thr)",
+        "decode GB/s (1 thr)",
+        "decode GB/s (2 thr)",
+    ]
     table = [[f"codec, random-normal {r[0]}"] + r[1:] for r in rows]
-    if e:
+    for e in runs:
         off, on = e["off"], e["on"]
         same = off["logits"] == on["logits"] and off["logits_sum"] == on["logits_sum"]
+        what = f"bf16 Llama {LAYERS}x{HIDDEN}, budget {off['budget_gb']:.2f} GiB, torch {off['torch_threads']} thr"
         for name, key in (("first", "first_s"), ("later", "later_s")):
             table.append(
                 [
-                    f"cold forward ({name}), bf16 Llama {LAYERS}x{HIDDEN}, budget {off['budget_gb']:.2f} GiB",
+                    f"cold forward ({name}), {what}",
                     f"{off['store_bytes'] / 1e9:.2f} / {on['store_bytes'] / 1e9:.2f} on disk",
                     f"{on['ratio']:.3f}",
                     f"off {off[key]:.2f} s",
                     f"on {on[key]:.2f} s",
-                    f"on/off {on[key] / off[key]:.2f}x",
+                    f"on/off **{on[key] / off[key]:.2f}x**",
                     f"read {off['read_gb'][-1]:.2f} / {on['read_gb'][-1]:.2f} GB",
                 ]
             )
         table.append(
             [
-                "store write (offload)",
+                f"in-memory forward / store write, {what}",
                 "",
                 "",
-                f"off {off['offload_s']:.1f} s",
-                f"on {on['offload_s']:.1f} s",
+                f"in memory {off['mem_s']:.2f} s",
+                f"write off {off['offload_s']:.1f} s, on {on['offload_s']:.1f} s",
                 f"outputs identical: {same}",
                 f"backend {on['backend']}",
             ]

@@ -87,7 +87,9 @@ def test_mmap_backend_reads_compressed_units_into_buffers(tmp_path):
     """Coded units cannot be mapped in place: MMAP and AUTO fall back to reading (and
     decoding) into budgeted buffers, with the same outputs."""
     ids = input_ids(length=5)
-    ref_logits, ref_tokens = logits_and_tokens(tiny_llama(tied=False, seed=3, dtype=torch.bfloat16, **SIZES), ids)
+    ref_logits, ref_tokens = logits_and_tokens(
+        tiny_llama(tied=False, seed=3, dtype=torch.bfloat16, **SIZES), ids
+    )
     for backend in ("mmap", "auto"):
         model = _offloaded(tmp_path, backend, torch.bfloat16, True, backend=backend)
         logits, tokens = logits_and_tokens(model, ids)
@@ -129,7 +131,9 @@ def test_from_pretrained_through_compressed_converted_store(tmp_path, dtype):
     ids = input_ids(length=7)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=dtype).eval()
     ref_logits, ref_tokens = logits_and_tokens(ref, ids)
-    cfg = ts.Config(tmp_path / "st", vram_budget_gb=budget_gb(src, 2), compression_enabled=True, compression_level=3)
+    cfg = ts.Config(
+        tmp_path / "st", vram_budget_gb=budget_gb(src, 2), compression_enabled=True, compression_level=3
+    )
     outs = []
     for compression, where in ((True, "zst"), (False, "raw")):
         cfg_w = ts.Config(tmp_path / where, compression_enabled=compression)

@@ -157,12 +157,14 @@ def inspect(args) -> int:
     for k, v in sorted(store.metadata.items()):
         print(f"  {k}: {v}")
     raw, stored = store.raw_bytes, store.stored_bytes
-    print(f"  units: {raw / 1e9:.3f} GB raw, {stored / 1e9:.3f} GB on disk, compression ratio {raw / max(stored, 1):.3f}")
+    ratio = raw / max(stored, 1)
+    print(f"  units: {raw / 1e9:.3f} GB raw, {stored / 1e9:.3f} GB on disk, compression ratio {ratio:.3f}")
     engine = _core.Engine("pread_direct", 4) if not args.no_verify else None
-    print("\n| unit | offset | bytes | stored | ratio | tensors | dtypes | codec | checksum |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| unit | offset | bytes | stored | ratio | tensors | dtypes | codec | checksum |")
+    print("|---|---|---|---|---|---|---|---|---|")
     bad = 0
     codecs = {name: stored_len for (name, _codec, _len, stored_len, _chunks) in store.unit_codecs()}
-    for i, (name, offset, length, padded, codec, checksum) in enumerate(store.units()):
+    for i, (name, offset, length, _padded, codec, checksum) in enumerate(store.units()):
         lay = store.layout(i)
         stored_len = codecs[name]
         dtypes = sorted({t[1] for t in lay.tensors})

@@ -260,7 +260,8 @@ def convert(
     handles: dict = {}
     try:
         # Config(compression_enabled=True): units coded losslessly, at compression_level.
-        writer.set_compression(config.compression_level if config is not None and config.compression_enabled else None)
+        compress = config is not None and config.compression_enabled
+        writer.set_compression(config.compression_level if compress else None)
         for u in units:
             writer.begin_unit(u.name)
             fp.update(f"|unit:{u.name}".encode())

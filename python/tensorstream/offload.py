@@ -58,7 +58,8 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
             # The fingerprint is of the raw weights: a store of the same model written with
             # another compression matches it, and is rewritten as the config asks.
             meta = store.metadata
-            on_disk = int(meta.get("compression_level", 0)) if meta.get("compression", "none") != "none" else None
+            compressed = meta.get("compression", "none") != "none"
+            on_disk = int(meta.get("compression_level", 0)) if compressed else None
             if on_disk == level:
                 log.info("reusing store %s", path)
                 return store

@@ -262,7 +262,12 @@ def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_store(
-    path: str, fp: str, model: nn.Module, units: list, progress: bool = False, compression_level: Optional[int] = None
+    path: str,
+    fp: str,
+    model: nn.Module,
+    units: list,
+    progress: bool = False,
+    compression_level: Optional[int] = None,
 ) -> str:
     """Write the units' parameters to a new store at `path`, atomically: coded losslessly
     with the ``bytegroup`` codec (zstd `compression_level` for the planes zstd codes), or

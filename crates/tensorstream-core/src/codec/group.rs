@@ -42,20 +42,31 @@ pub fn group(src: &[u8], width: usize, dst: &mut [u8]) {
 pub fn ungroup(planes: &[u8], width: usize, dst: &mut [u8]) {
     assert!(width > 0 && planes.len().is_multiple_of(width) && dst.len() == planes.len());
     let n = planes.len() / width;
-    match width {
-        1 => dst.copy_from_slice(planes),
-        2 => {
-            let (p0, p1) = planes.split_at(n);
-            for ((e, a), b) in dst.chunks_exact_mut(2).zip(p0).zip(p1) {
+    let slices: Vec<&[u8]> = planes.chunks(n.max(1)).take(width).collect();
+    if n == 0 {
+        return;
+    }
+    interleave(&slices, dst);
+}
+
+/// Interleave planes, each its own slice of the same length, into `dst` (their total
+/// length): `dst[i * W + k] = planes[k][i]`.
+pub fn interleave(planes: &[&[u8]], dst: &mut [u8]) {
+    let width = planes.len();
+    assert!(width > 0);
+    let n = planes[0].len();
+    assert!(planes.iter().all(|p| p.len() == n) && dst.len() == n * width);
+    match planes {
+        [p0] => dst.copy_from_slice(p0),
+        [p0, p1] => {
+            for ((e, a), b) in dst.chunks_exact_mut(2).zip(*p0).zip(*p1) {
                 e[0] = *a;
                 e[1] = *b;
             }
         }
-        4 => {
-            let (p0, rest) = planes.split_at(n);
-            let (p1, rest) = rest.split_at(n);
-            let (p2, p3) = rest.split_at(n);
-            for ((((e, a), b), c), d) in dst.chunks_exact_mut(4).zip(p0).zip(p1).zip(p2).zip(p3) {
+        [p0, p1, p2, p3] => {
+            let quads = dst.chunks_exact_mut(4).zip(*p0).zip(*p1).zip(*p2).zip(*p3);
+            for ((((e, a), b), c), d) in quads {
                 e[0] = *a;
                 e[1] = *b;
                 e[2] = *c;
@@ -65,7 +76,7 @@ pub fn ungroup(planes: &[u8], width: usize, dst: &mut [u8]) {
         _ => {
             for (i, e) in dst.chunks_exact_mut(width).enumerate() {
                 for (k, b) in e.iter_mut().enumerate() {
-                    *b = planes[k * n + i];
+                    *b = planes[k][i];
                 }
             }
         }

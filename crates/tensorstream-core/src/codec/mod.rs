@@ -21,7 +21,7 @@
 mod group;
 pub mod huffman;
 
-pub use group::{group, ungroup};
+pub use group::{group, interleave, ungroup};
 
 use crate::error::{Error, Result};
 use crate::store::CHECKSUM_CHUNK;
@@ -348,51 +348,81 @@ impl Decoder {
             ));
         }
         let (grouped, rest) = dst.split_at_mut(plane_len * width);
-        let planes: &mut [u8] = if width == 1 {
-            grouped
-        } else {
-            if self.planes.len() < plane_len * width {
-                self.planes.resize(plane_len * width, 0);
-            }
-            &mut self.planes[..plane_len * width]
-        };
+        if width == 1 {
+            let (coder, len) = planes_meta[0];
+            decode_plane(&mut self.dctx, coder, &stored[head..head + len], grouped, 0)?;
+            rest.copy_from_slice(&stored[head + len..head + len + tail]);
+            return Ok(());
+        }
+        if self.planes.len() < plane_len * width {
+            self.planes.resize(plane_len * width, 0);
+        }
+        // Coded planes decode into the scratch; raw ones are interleaved straight from the
+        // stored bytes, without a copy.
         let mut pos = head;
         for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
-            let payload = &stored[pos..pos + len];
-            let out = &mut planes[k * plane_len..(k + 1) * plane_len];
-            match coder {
-                c if c == PlaneCoder::Raw as u8 => {
-                    if len != plane_len {
-                        return Err(format!(
-                            "raw plane {k} of {len} bytes, expected {plane_len}"
-                        ));
-                    }
-                    out.copy_from_slice(payload);
-                }
-                c if c == PlaneCoder::Zstd as u8 => {
-                    let n = self
-                        .dctx
-                        .decompress_to_buffer(payload, out)
-                        .map_err(|e| format!("plane {k}: zstd: {e}"))?;
-                    if n != plane_len {
-                        return Err(format!(
-                            "plane {k} decoded to {n} bytes, expected {plane_len}"
-                        ));
-                    }
-                }
-                c if c == PlaneCoder::Huffman as u8 => {
-                    huffman::decode(payload, out).map_err(|e| format!("plane {k}: {e}"))?;
-                }
-                c => return Err(format!("plane {k} has unknown coder {c}")),
+            if coder != PlaneCoder::Raw as u8 {
+                let out = &mut self.planes[k * plane_len..(k + 1) * plane_len];
+                decode_plane(&mut self.dctx, coder, &stored[pos..pos + len], out, k)?;
+            } else if len != plane_len {
+                return Err(format!(
+                    "raw plane {k} of {len} bytes, expected {plane_len}"
+                ));
             }
             pos += len;
         }
-        if width > 1 {
-            ungroup(&self.planes[..plane_len * width], width, grouped);
+        let mut slices: [&[u8]; 8] = [&[]; 8];
+        let mut at = head;
+        for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
+            slices[k] = if coder == PlaneCoder::Raw as u8 {
+                &stored[at..at + len]
+            } else {
+                &self.planes[k * plane_len..(k + 1) * plane_len]
+            };
+            at += len;
         }
+        interleave(&slices[..width], grouped);
         rest.copy_from_slice(&stored[pos..pos + tail]);
         Ok(())
     }
+}
+
+/// Decode one plane payload with its coder into `out` (the plane's length).
+fn decode_plane(
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    coder: u8,
+    payload: &[u8],
+    out: &mut [u8],
+    k: usize,
+) -> std::result::Result<(), String> {
+    match coder {
+        c if c == PlaneCoder::Raw as u8 => {
+            if payload.len() != out.len() {
+                return Err(format!(
+                    "raw plane {k} of {} bytes, expected {}",
+                    payload.len(),
+                    out.len()
+                ));
+            }
+            out.copy_from_slice(payload);
+        }
+        c if c == PlaneCoder::Zstd as u8 => {
+            let n = dctx
+                .decompress_to_buffer(payload, out)
+                .map_err(|e| format!("plane {k}: zstd: {e}"))?;
+            if n != out.len() {
+                return Err(format!(
+                    "plane {k} decoded to {n} bytes, expected {}",
+                    out.len()
+                ));
+            }
+        }
+        c if c == PlaneCoder::Huffman as u8 => {
+            huffman::decode(payload, out).map_err(|e| format!("plane {k}: {e}"))?;
+        }
+        c => return Err(format!("plane {k} has unknown coder {c}")),
+    }
+    Ok(())
 }
 
 /// Encode `raw` whole (any length) with the writer's chunking, for tests and benchmarks:
