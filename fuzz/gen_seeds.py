@@ -41,6 +41,13 @@ def tensor(dtype, shape, seed):
     return torch.randint(0, 100, shape, generator=g).to(dtype)
 
 
+def weights(dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    return torch.randint(0, 256 if dtype == torch.uint8 else 1000, shape, generator=g).to(dtype)
+
+
 STORES = {
     "one_unit": [("layers.0", [("weight", torch.float32, (4, 4))])],
     "three_units": [
@@ -61,9 +68,25 @@ STORES = {
     "empty": [],
 }
 
+# Units coded with the bytegroup codec (weights-like values compress; random bytes stay raw).
+CODED_STORES = {
+    "coded_two_units": [
+        ("model.layers.0", [("w", torch.bfloat16, (64, 64)), ("b", torch.float32, (64,))]),
+        ("model.layers.1", [("w", torch.float32, (128, 32))]),
+    ],
+    "coded_mixed": [
+        ("a", [("w", torch.float16, (32, 32))]),
+        ("b", [("noise", torch.uint8, (3000,)), ("ids", torch.int64, (40,))]),
+    ],
+}
 
-def write_store(path: str, units, meta: bool) -> None:
+
+def write_store(path: str, units, meta: bool, level=None) -> None:
     w = _core.StoreWriter(path, "0123456789abcdef0123456789abcdef")
+    make = tensor
+    if level is not None:
+        w.set_compression(level, 1)
+        make = weights
     if meta:
         w.set_metadata("model_class", "transformers.LlamaForCausalLM")
         w.set_metadata("writer", "tensorstream seed")
@@ -71,7 +94,7 @@ def write_store(path: str, units, meta: bool) -> None:
     for k, (uname, tensors) in enumerate(units):
         w.begin_unit(uname)
         for j, (tname, dtype, shape) in enumerate(tensors):
-            t = tensor(dtype, shape, 100 * k + j).contiguous()
+            t = make(dtype, shape, 100 * k + j).contiguous()
             keep.append(t)
             w.add_tensor(tname, ST[dtype], list(shape), t.data_ptr(), t.numel() * t.element_size())
         w.end_unit()
@@ -149,10 +172,12 @@ def main() -> int:
     for t in ("store_open", "store_manifest", "safetensors_header", "safetensors_index", "codec_decode"):
         (SEEDS / t).mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, units in STORES.items():
-            for meta in (False, True):
+        runs = [(n, u, m, None) for n, u in STORES.items() for m in (False, True)]
+        runs += [(n, u, True, 3) for n, u in CODED_STORES.items()]
+        for name, units, meta, level in runs:
+            if True:
                 p = os.path.join(tmp, f"{name}.tstore")
-                write_store(p, units, meta)
+                write_store(p, units, meta, level)
                 data = Path(p).read_bytes()
                 tag = f"{name}{'_meta' if meta else ''}"
                 (SEEDS / "store_open" / f"{tag}.tstore").write_bytes(data)

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             let layout = view
                 .layout("unit", &names)
                 .expect("layout of listed tensors");
-            let Some(buf) = check_and_read(&layout, &[data.len() as u64]) else {
+            let Some((buf, _)) = check_and_read(&layout, &[data.len() as u64]) else {
                 return;
             };
             for slot in &layout.tensors {

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use tensorstream_core::codec::{Decoder, CODEC_CHUNK};
 use tensorstream_core::io::{AlignedBuf, PreadBackend, ReadBackend};
 use tensorstream_core::store::{chunked_checksum, UnitLayout};
 use tensorstream_core::Error;
@@ -34,45 +35,70 @@ pub fn expect_typed(e: &Error) {
     }
 }
 
-/// Check a layout against the files it reads, then read it with the pread backend and
-/// verify its checksum when it has one. Returns the filled buffer.
+/// Check a layout against the files it reads, then read it with the pread backend (decoding
+/// coded chunks) and verify its checksum when it has one. Returns the filled buffer and
+/// whether the checksum matched (None: no checksum, or the unit was too large to read).
 ///
-/// Panics (a fuzz crash) when an extent lies outside its file, extents overlap in the
-/// destination, a tensor lies outside the buffer or its extent, or a read goes wrong in a
-/// way other than a typed error.
-pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedBuf> {
+/// Panics (a fuzz crash) when an extent or coded chunk lies outside its file, destination
+/// ranges overlap or leave the buffer, a chunk decodes to more than a codec chunk, a tensor
+/// lies outside the bytes the layout fills, or an in-bounds read fails.
+pub fn check_and_read(
+    layout: &UnitLayout,
+    file_lens: &[u64],
+) -> Option<(AlignedBuf, Option<bool>)> {
     assert_eq!(layout.files.len(), file_lens.len());
     let mut dest: Vec<(u64, u64)> = Vec::new();
     let mut total = 0u64;
+    let mut check_src = |file: usize, off: u64, len: u64, what: &dyn std::fmt::Debug| {
+        assert!(file < layout.files.len(), "{what:?} names file {file}");
+        let end = off.checked_add(len).expect("source end overflows");
+        assert!(
+            end <= file_lens[file],
+            "{what:?} past the end of its file ({})",
+            file_lens[file]
+        );
+        total += len;
+    };
     for e in &layout.extents {
-        assert!(e.file < layout.files.len(), "extent names file {}", e.file);
-        let end = e
-            .file_offset
-            .checked_add(e.len)
-            .expect("extent end overflows");
+        check_src(e.file, e.file_offset, e.len, e);
+        dest.push((
+            e.dest_offset,
+            e.dest_offset
+                .checked_add(e.len)
+                .expect("dest end overflows"),
+        ));
+    }
+    for c in &layout.chunks {
+        check_src(c.file, c.file_offset, c.stored_len, c);
         assert!(
-            end <= file_lens[e.file],
-            "extent {e:?} past the end of its file ({})",
-            file_lens[e.file]
+            c.raw_len <= CODEC_CHUNK,
+            "chunk {c:?} decodes to more than {CODEC_CHUNK} bytes"
         );
-        let dend = e
-            .dest_offset
-            .checked_add(e.len)
-            .expect("dest end overflows");
-        assert!(
-            dend <= layout.buffer_len,
-            "extent {e:?} past the buffer ({})",
-            layout.buffer_len
-        );
-        dest.push((e.dest_offset, dend));
-        total += e.len;
+        dest.push((
+            c.dest_offset,
+            c.dest_offset
+                .checked_add(c.raw_len)
+                .expect("dest end overflows"),
+        ));
     }
     dest.sort();
     for w in dest.windows(2) {
+        assert!(w[1].0 >= w[0].1, "destination ranges overlap: {w:?}");
+    }
+    for &(_, e) in &dest {
         assert!(
-            w[1].0 >= w[0].1,
-            "extents overlap in the destination: {w:?}"
+            e <= layout.buffer_len,
+            "a destination range ends past the buffer ({})",
+            layout.buffer_len
         );
+    }
+    // Contiguous destination ranges, merged: a tensor may span several coded chunks.
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in &dest {
+        match merged.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => merged.push((s, e)),
+        }
     }
     for t in &layout.tensors {
         assert_eq!(
@@ -91,8 +117,8 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
         );
         if t.nbytes > 0 {
             assert!(
-                dest.iter().any(|&(s, e)| t.offset >= s && end <= e),
-                "tensor {t:?} not inside one extent"
+                merged.iter().any(|&(s, e)| t.offset >= s && end <= e),
+                "tensor {t:?} not inside the bytes the layout fills"
             );
         }
     }
@@ -102,8 +128,8 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
             "checksum covers past the buffer"
         );
     }
-    // Everything read is bounded by the files' lengths, which are bounded by the input.
-    assert!(total <= file_lens.iter().sum::<u64>());
+    // Every source range lies inside its file (checked above), so reads are bounded by the input.
+    let _ = total;
     if layout.buffer_len > 64 << 20 {
         return None;
     }
@@ -120,9 +146,26 @@ pub fn check_and_read(layout: &UnitLayout, file_lens: &[u64]) -> Option<AlignedB
             panic!("in-bounds read of {e:?} failed: {err}");
         }
     }
-    if let Some(c) = layout.checksum {
-        // A mismatch is fine (the data is whatever the fuzzer wrote); a panic is not.
-        let _ = chunked_checksum(&buf[..c.covered as usize]) == c.value;
+    let mut decoded_ok = true;
+    if !layout.chunks.is_empty() {
+        let mut dec = Decoder::new().expect("decoder");
+        for c in &layout.chunks {
+            let mut stored = vec![0u8; c.stored_len as usize];
+            if let Err(err) = backend.read_into(&layout.files[c.file], c.file_offset, &mut stored) {
+                panic!("in-bounds read of {c:?} failed: {err}");
+            }
+            let d = c.dest_offset as usize;
+            // Corrupted coded bytes give an error string, never a panic.
+            if dec
+                .decode(c.mode, &stored, &mut buf[d..d + c.raw_len as usize])
+                .is_err()
+            {
+                decoded_ok = false;
+            }
+        }
     }
-    Some(buf)
+    let matched = layout
+        .checksum
+        .map(|c| decoded_ok && chunked_checksum(&buf[..c.covered as usize]) == c.value);
+    Some((buf, matched))
 }

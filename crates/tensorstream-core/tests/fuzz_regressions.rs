@@ -6,6 +6,8 @@
 //!   crash) is replayed through the same checks as its fuzz target, on the stable toolchain:
 //!   the parser answers a typed error, or a view whose every byte range lies inside its files
 //!   and reads back exactly the bytes the file holds there.
+//! - The codec seeds (`fuzz/seeds/codec_decode/`): hostile chunks decode to an error, never
+//!   a panic; coded chunks round-trip exactly.
 //! - Hostile checkpoint directories: a named pipe in place of a shard, and the Hugging Face
 //!   cache layout (shards that are symlinks into `../../blobs/`).
 
@@ -13,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
+use tensorstream_core::codec::{ChunkMode, Decoder, Encoder, CODEC_CHUNK};
 use tensorstream_core::io::{AlignedBuf, PreadBackend, ReadBackend};
 use tensorstream_core::store::{
     chunked_checksum, SafetensorsView, Store, UnitLayout, BLOCK, FORMAT_VERSION, MAGIC,
@@ -54,9 +57,11 @@ fn expect_typed(what: &Path, e: &Error) {
     );
 }
 
-/// The checks of `fuzz/src/lib.rs::check_and_read`: extents inside their files and
-/// disjoint in the buffer, tensors inside one extent, then a read of every extent.
-fn check_and_read(what: &Path, layout: &UnitLayout, file_lens: &[u64]) -> AlignedBuf {
+/// The checks of `fuzz/src/lib.rs::check_and_read`: extents and coded chunks inside their
+/// files, destination ranges disjoint and inside the buffer, tensors inside the bytes the
+/// layout fills; then a read of every extent and chunk (decoded). Returns the buffer and
+/// whether the checksum matched.
+fn check_and_read(what: &Path, layout: &UnitLayout, file_lens: &[u64]) -> (AlignedBuf, bool) {
     let ctx = what.display();
     let mut dest: Vec<(u64, u64)> = Vec::new();
     for e in &layout.extents {
@@ -65,28 +70,33 @@ fn check_and_read(what: &Path, layout: &UnitLayout, file_lens: &[u64]) -> Aligne
             end <= file_lens[e.file],
             "{ctx}: extent {e:?} past its file"
         );
-        let dend = e.dest_offset.checked_add(e.len).expect("dest end");
-        assert!(
-            dend <= layout.buffer_len,
-            "{ctx}: extent {e:?} past the buffer"
-        );
-        dest.push((e.dest_offset, dend));
+        dest.push((e.dest_offset, e.dest_offset + e.len));
+    }
+    for c in &layout.chunks {
+        let end = c.file_offset.checked_add(c.stored_len).expect("chunk end");
+        assert!(end <= file_lens[c.file], "{ctx}: chunk {c:?} past its file");
+        assert!(c.raw_len <= CODEC_CHUNK, "{ctx}: chunk {c:?} too large");
+        dest.push((c.dest_offset, c.dest_offset + c.raw_len));
     }
     dest.sort();
     for w in dest.windows(2) {
-        assert!(w[1].0 >= w[0].1, "{ctx}: extents overlap: {w:?}");
+        assert!(w[1].0 >= w[0].1, "{ctx}: destination ranges overlap: {w:?}");
+    }
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for &(s, e) in &dest {
+        assert!(e <= layout.buffer_len, "{ctx}: range past the buffer");
+        match merged.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => merged.push((s, e)),
+        }
     }
     for t in &layout.tensors {
         assert_eq!(t.dtype.nbytes(&t.shape), Some(t.nbytes), "{ctx}: {t:?}");
         let end = t.offset + t.nbytes;
-        assert!(
-            end <= layout.buffer_len,
-            "{ctx}: tensor {t:?} past the buffer"
-        );
         if t.nbytes > 0 {
             assert!(
-                dest.iter().any(|&(s, e)| t.offset >= s && end <= e),
-                "{ctx}: tensor {t:?} outside its extent"
+                merged.iter().any(|&(s, e)| t.offset >= s && end <= e),
+                "{ctx}: tensor {t:?} outside the bytes the layout fills"
             );
         }
     }
@@ -102,10 +112,22 @@ fn check_and_read(what: &Path, layout: &UnitLayout, file_lens: &[u64]) -> Aligne
             )
             .unwrap_or_else(|err| panic!("{ctx}: in-bounds read failed: {err}"));
     }
-    if let Some(c) = layout.checksum {
-        let _ = chunked_checksum(&buf[..c.covered as usize]) == c.value;
+    let mut ok = true;
+    let mut dec = Decoder::new().unwrap();
+    for c in &layout.chunks {
+        let mut stored = vec![0u8; c.stored_len as usize];
+        backend
+            .read_into(&layout.files[c.file], c.file_offset, &mut stored)
+            .unwrap_or_else(|err| panic!("{ctx}: in-bounds read failed: {err}"));
+        let d = c.dest_offset as usize;
+        ok &= dec
+            .decode(c.mode, &stored, &mut buf[d..d + c.raw_len as usize])
+            .is_ok();
     }
-    buf
+    if let Some(c) = layout.checksum {
+        ok &= chunked_checksum(&buf[..c.covered as usize]) == c.value;
+    }
+    (buf, ok)
 }
 
 #[test]
@@ -122,11 +144,10 @@ fn store_open_inputs_replay() {
                 opened += 1;
                 for i in 0..store.manifest().units.len() {
                     let layout = store.layout(i).unwrap();
-                    let buf = check_and_read(what, &layout, &[store.file_len()]);
-                    // Seeds are valid stores: their data verifies.
-                    let c = layout.checksum.unwrap();
+                    let (_, ok) = check_and_read(what, &layout, &[store.file_len()]);
+                    // Seeds are valid stores: their data decodes and verifies.
                     if what.starts_with(fuzz_dir().join("seeds")) {
-                        assert_eq!(chunked_checksum(&buf[..c.covered as usize]), c.value);
+                        assert!(ok, "{}: unit {i} does not verify", what.display());
                     }
                 }
             }
@@ -192,7 +213,7 @@ fn safetensors_header_inputs_replay() {
                     continue;
                 }
                 let layout = view.layout("unit", &names).unwrap();
-                let buf = check_and_read(what, &layout, &[data.len() as u64]);
+                let (buf, _) = check_and_read(what, &layout, &[data.len() as u64]);
                 for slot in &layout.tensors {
                     let loc = &view.tensors()[&slot.name];
                     let want = &data[loc.offset as usize..(loc.offset + loc.nbytes) as usize];
@@ -204,6 +225,76 @@ fn safetensors_header_inputs_replay() {
         }
     }
     assert!(opened >= 1);
+}
+
+/// The framing of fuzz_targets/codec_decode.rs: 0 hostile decode, 1 round trip, 2 encode
+/// then corrupt.
+#[test]
+fn codec_decode_inputs_replay() {
+    let cases = inputs("codec_decode");
+    assert!(!cases.is_empty());
+    let mut dec = Decoder::new().unwrap();
+    let mut enc = Encoder::new(1).unwrap();
+    let mut round_trips = 0;
+    for (what, data) in &cases {
+        if data.len() < 2 {
+            continue;
+        }
+        let ctx = what.display();
+        match data[0] % 3 {
+            0 if data.len() >= 5 => {
+                let mode = match data[1] % 7 {
+                    0 => ChunkMode::Raw,
+                    1 => ChunkMode::Grouped { width: 1 },
+                    2 => ChunkMode::Grouped { width: 2 },
+                    3 => ChunkMode::Grouped { width: 4 },
+                    4 => ChunkMode::Grouped { width: 8 },
+                    5 => ChunkMode::Grouped { width: 3 },
+                    _ => ChunkMode::Grouped { width: data[1] },
+                };
+                let n = u32::from_le_bytes([data[2], data[3], data[4], 0]) as u64;
+                let len = if n % 256 != 1 {
+                    (n >> 8) % (1 << 16)
+                } else {
+                    CODEC_CHUNK + (n >> 8) % 16
+                };
+                let mut dst = vec![0u8; len as usize];
+                let r = dec.decode(mode, &data[5..], &mut dst);
+                assert!(
+                    len <= CODEC_CHUNK || r.is_err(),
+                    "{ctx}: decoded past a chunk"
+                );
+            }
+            m @ (1 | 2) => {
+                let skip = if m == 2 { 6 } else { 2 };
+                if data.len() <= skip {
+                    continue;
+                }
+                let raw = &data[skip..];
+                let width = [1u64, 2, 4, 8][(data[1] % 4) as usize];
+                let Some(mode) = enc.encode(raw, width).unwrap() else {
+                    continue;
+                };
+                let mut coded = enc.coded().to_vec();
+                let mut out = vec![0u8; raw.len()];
+                if m == 2 {
+                    let pos = u16::from_le_bytes([data[2], data[3]]) as usize % coded.len();
+                    coded[pos] ^= data[4].max(1);
+                    if data[5] & 1 == 1 {
+                        coded.truncate(pos + (data[5] >> 1) as usize);
+                    }
+                    let _ = dec.decode(mode, &coded, &mut out);
+                } else {
+                    dec.decode(mode, &coded, &mut out)
+                        .unwrap_or_else(|e| panic!("{ctx}: round trip: {e}"));
+                    assert!(out == raw, "{ctx}: round trip changed the bytes");
+                    round_trips += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(round_trips >= 1, "no seed was coded");
 }
 
 /// A safetensors file of U8 tensors of 4 bytes each, consecutive.
