@@ -376,13 +376,6 @@ if __name__ == "__main__" and "--zygote" in sys.argv:
     _zygote_main()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the pread backend opens the store by path at the first read, not the file that "
-    "Store() validated at offload; a store renamed over it in between (another model, overwrite_store) "
-    "makes every later forward fail its checksum (StoreCorruptedError) although the model's own store "
-    "was valid when offloaded (the mmap runtime maps it at offload and keeps working)",
-)
 def test_model_offloaded_with_pread_keeps_reading_its_own_store_after_it_is_replaced(tmp_path, reference):
     d = tmp_path / "shared"
     a = ts.offload(net(1), config(d, "pread"))
@@ -391,12 +384,6 @@ def test_model_offloaded_with_pread_keeps_reading_its_own_store_after_it_is_repl
         assert torch.equal(a(sample()), reference[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a checkpoint streamed in place has no checksums, and its shards are opened by path at "
-    "the first read: a shard replaced after from_pretrained() (same tensor layout, other weights) is "
-    "streamed silently, giving another model's outputs instead of the loaded one's or an error",
-)
 def test_checkpoint_shard_replaced_after_from_pretrained_is_not_streamed_silently(tmp_path):
     from conftest import input_ids, tiny_llama
 

@@ -418,6 +418,9 @@ class Runtime:
         pmode = cfg.memory_pressure_mode.value
         self.planner = _core.Planner(self.sizes, unit_budget, strategy, pmode)
         self.engine = _core.Engine(engine_backend, cfg.num_io_threads, cfg.chunk_mb << 20)
+        # Hold the files validated at open time: a store or shard replaced on disk later is
+        # not read with this layout.
+        self.engine.preopen(list(self.source.files))
         self._engine_backend = self.engine.backend_name
         self.mode = mode
         self._fault_in_now = mode == "cpu-mmap" and torch.get_num_threads() >= _usable_cores()

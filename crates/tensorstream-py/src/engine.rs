@@ -203,6 +203,18 @@ impl PyEngine {
         });
     }
 
+    /// Open these files now and keep them open: reads then see these files even if their
+    /// paths are replaced before the first read.
+    fn preopen(&self, py: Python<'_>, paths: Vec<String>) -> PyResult<()> {
+        let backend = self.engine.backend().clone();
+        py.detach(move || {
+            paths
+                .iter()
+                .try_for_each(|p| backend.preopen(std::path::Path::new(p)))
+        })
+        .py()
+    }
+
     /// Close cached file handles and mappings.
     fn close_files(&self) {
         self.engine.backend().close_all();

@@ -80,6 +80,10 @@ impl<B: ReadBackend> ReadBackend for FaultyBackend<B> {
         self.inner.stats()
     }
 
+    fn preopen(&self, path: &Path) -> Result<()> {
+        self.inner.preopen(path)
+    }
+
     fn close_all(&self) {
         self.inner.close_all()
     }

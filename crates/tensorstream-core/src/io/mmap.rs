@@ -51,6 +51,10 @@ impl ReadBackend for MmapBackend {
         Ok(())
     }
 
+    fn preopen(&self, path: &Path) -> Result<()> {
+        self.map(path).map(|_| ())
+    }
+
     fn close_all(&self) {
         self.maps.lock().expect("mmap table poisoned").clear();
     }

@@ -41,6 +41,12 @@ pub trait ReadBackend: Send + Sync {
         BackendStats::default()
     }
 
+    /// Open (and keep open) `path` now, so that later reads see this file even if the path
+    /// is replaced by another one (an atomic rename) before the first read.
+    fn preopen(&self, _path: &Path) -> Result<()> {
+        Ok(())
+    }
+
     /// Forget open files and mappings (after a store is rewritten, say).
     fn close_all(&self) {}
 }
@@ -54,6 +60,9 @@ impl<T: ReadBackend + ?Sized> ReadBackend for std::sync::Arc<T> {
     }
     fn stats(&self) -> BackendStats {
         (**self).stats()
+    }
+    fn preopen(&self, path: &Path) -> Result<()> {
+        (**self).preopen(path)
     }
     fn close_all(&self) {
         (**self).close_all()

@@ -191,6 +191,10 @@ impl ReadBackend for PreadBackend {
         }
     }
 
+    fn preopen(&self, path: &Path) -> Result<()> {
+        self.open(path).map(|_| ())
+    }
+
     fn close_all(&self) {
         self.files.lock().expect("file table poisoned").clear();
     }

@@ -22,7 +22,7 @@ impl Store {
     /// Open and validate the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, "open", 0, 0, e))?;
+        let file = super::safetensors::open_regular(&path, "store")?;
         let file_len = file
             .metadata()
             .map_err(|e| Error::io(&path, "stat", 0, 0, e))?

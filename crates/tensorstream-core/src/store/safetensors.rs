@@ -242,6 +242,15 @@ impl SafetensorsView {
     }
 }
 
+/// Open a file only if it is a regular file: a FIFO or device would block or never end.
+pub(crate) fn open_regular(path: &Path, kind: &'static str) -> Result<File> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", 0, 0, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(kind, path, "not a regular file"));
+    }
+    File::open(path).map_err(|e| Error::io(path, "open", 0, 0, e))
+}
+
 /// Resolve a shard name from an index, refusing anything that leads outside `root`.
 fn contained_path(root: &Path, name: &str, index: &Path) -> Result<PathBuf> {
     let p = Path::new(name);
@@ -255,9 +264,23 @@ fn contained_path(root: &Path, name: &str, index: &Path) -> Result<PathBuf> {
         ));
     }
     let full = root.join(p);
-    let canon_root = root
-        .canonicalize()
-        .map_err(|e| Error::io(root, "canonicalize", 0, 0, e))?;
+    // A Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/`) holds symlinks to
+    // `../../blobs/<hash>`: inside the cached repository, so allowed; nothing further out is.
+    let boundary = match root.canonicalize() {
+        Ok(r)
+            if r.parent()
+                .and_then(|p| p.file_name())
+                .is_some_and(|n| n == "snapshots") =>
+        {
+            r.parent()
+                .and_then(|p| p.parent())
+                .map(Path::to_path_buf)
+                .unwrap_or(r)
+        }
+        Ok(r) => r,
+        Err(e) => return Err(Error::io(root, "canonicalize", 0, 0, e)),
+    };
+    let canon_root = boundary;
     let canon = full
         .canonicalize()
         .map_err(|e| Error::io(&full, "open", 0, 0, e))?;
@@ -277,7 +300,7 @@ fn contained_path(root: &Path, name: &str, index: &Path) -> Result<PathBuf> {
 type Parsed = (u64, Vec<(String, TensorLocation)>, BTreeMap<String, String>);
 
 fn parse_file(path: &Path, file: usize) -> Result<Parsed> {
-    let f = File::open(path).map_err(|e| Error::io(path, "open", 0, 0, e))?;
+    let f = open_regular(path, KIND)?;
     let file_len = f
         .metadata()
         .map_err(|e| Error::io(path, "stat", 0, 0, e))?
