@@ -8,8 +8,9 @@
   both finish with identical outputs and one valid store.
 - One process with two models that share a store (same weights, same storage_path) works,
   sequentially and from two threads at once.
-- A store replaced underneath a model (another model overwrote it) gives that model's
-  outputs or a clear StoreCorruptedError, never another model's weights.
+- A store replaced underneath a model (another model overwrote it), or checkpoint shards
+  replaced under a model streamed by from_pretrained, give that model's own outputs (the
+  runtime holds the files it validated), never another model's weights.
 
 The processes are forked from a zygote that imported torch once (see test_crash_safety).
 Run directly (``python tests/test_concurrency.py --zygote``) this file is that zygote.
@@ -346,9 +347,7 @@ def test_two_models_sharing_a_store_run_from_two_threads_at_once(tmp_path, refer
 
 @pytest.mark.parametrize("backend", ["pread", "mmap"])
 @pytest.mark.parametrize("used_before", [False, True])
-def test_store_replaced_by_another_models_gives_own_outputs_or_clear_error(
-    tmp_path, reference, backend, used_before
-):
+def test_store_replaced_by_another_models_gives_own_outputs(tmp_path, reference, backend, used_before):
     d = tmp_path / "shared"
     a = ts.offload(net(1), config(d, backend))
     if used_before:
@@ -365,15 +364,10 @@ def test_store_replaced_by_another_models_gives_own_outputs_or_clear_error(
         else:
             assert torch.equal(got, reference[1]), "the model ran with another model's weights"
             outcome = "own outputs"
-    print(f"{backend}, used before: {used_before}: {outcome}")
-    if used_before:
-        # The files were opened (pread) or mapped (mmap) by the first forward: the old
-        # store stays readable through them.
-        assert outcome == "own outputs"
-
-
-if __name__ == "__main__" and "--zygote" in sys.argv:
-    _zygote_main()
+    # The runtime holds the file it validated (opened or mapped at offload): the old store
+    # stays readable through it. Never the other model's weights; a clear error would be
+    # the only acceptable alternative.
+    assert outcome == "own outputs", f"{backend}, used before: {used_before}: {outcome}"
 
 
 def test_model_offloaded_with_pread_keeps_reading_its_own_store_after_it_is_replaced(tmp_path, reference):
@@ -403,3 +397,37 @@ def test_checkpoint_shard_replaced_after_from_pretrained_is_not_streamed_silentl
         except TensorStreamError:
             return  # refused: acceptable
     assert torch.equal(got, expected), "streamed the replaced shards' weights silently"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a device move (model.to(...), even to the same device) reconfigures the runtime, whose "
+    "new engine preopens the files by path again (runtime.py configure -> engine.preopen): shards replaced "
+    "since from_pretrained() are then streamed silently with the old layout (no checksums in a checkpoint)",
+)
+def test_checkpoint_shard_replaced_then_device_move_is_not_streamed_silently(tmp_path):
+    from conftest import input_ids, tiny_llama
+
+    ck1, ck2 = tmp_path / "ck1", tmp_path / "ck2"
+    ref = tiny_llama(tied=False, seed=11)
+    ref.save_pretrained(ck1, max_shard_size="150KB")
+    tiny_llama(tied=False, seed=12).save_pretrained(ck2, max_shard_size="150KB")
+    ids = input_ids(seed=64)
+    with torch.no_grad():
+        expected = ref(ids).logits
+    model = ts.from_pretrained(str(ck1), ts.Config(tmp_path / "st", backend="pread"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    for shard in sorted(ck1.glob("*.safetensors")):
+        os.replace(ck2 / shard.name, shard)
+    model.to("cpu")
+    with torch.no_grad():
+        try:
+            got = model(ids).logits
+        except TensorStreamError:
+            return  # refused: acceptable
+    assert torch.equal(got, expected), "streamed the replaced shards' weights silently after a device move"
+
+
+if __name__ == "__main__" and "--zygote" in sys.argv:
+    _zygote_main()

@@ -233,14 +233,16 @@ def test_sigkill_during_offload_leaves_old_or_complete_store_never_a_wrong_one(t
     t_start, t_end = calib["start"], calib["end"]
     rng = random.Random(1234)
     outcomes = []
-    for i in range(KILLS):
+    for i in range(KILLS + 8):
+        if i >= KILLS and any(n for _, _, n, _ in outcomes):
+            break  # a machine much slower than at calibration: up to 8 more kills, later
         d = tmp_path / f"run{i}"
         d.mkdir()
         replacing = i % 2 == 1  # a store of another model is there, and is overwritten
         if replacing:
             (d / STORE).write_bytes(refs["bytes2"])
         # Kill points spread from before the write starts to after it ends, jittered.
-        frac = -0.05 + 1.2 * (i + rng.random()) / KILLS
+        frac = -0.05 + 1.2 * (i + rng.random()) / KILLS if i < KILLS else 1 + 2 * rng.random()
         kill_after = t_start + frac * (t_end - t_start)
         res = zygote.run(op="offload", dir=str(d), seed=1, overwrite=replacing, kill_after=kill_after)
         assert res["error"] is None, res
@@ -271,8 +273,9 @@ def test_sigkill_during_offload_leaves_old_or_complete_store_never_a_wrong_one(t
         _recover_and_check(d, refs)
         shutil.rmtree(d)
     print("kill outcomes (kill_after_s, state, temp files, killed):", outcomes)
-    states = {s for _, s, _, _ in outcomes}
-    assert "new" in states and states & {"none", "old"}, f"kills did not straddle the write: {outcomes}"
+    # The per-kill checks above are the guarantee; this checks the test did its job: some
+    # kill landed in the middle of a write (a temporary file was left).
+    assert any(n for _, _, n, _ in outcomes), f"no kill landed during a write: {outcomes}"
 
 
 def _mount_tmpfs(d: Path, size: int) -> None:
