@@ -399,12 +399,6 @@ def test_checkpoint_shard_replaced_after_from_pretrained_is_not_streamed_silentl
     assert torch.equal(got, expected), "streamed the replaced shards' weights silently"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a device move (model.to(...), even to the same device) reconfigures the runtime, whose "
-    "new engine preopens the files by path again (runtime.py configure -> engine.preopen): shards replaced "
-    "since from_pretrained() are then streamed silently with the old layout (no checksums in a checkpoint)",
-)
 def test_checkpoint_shard_replaced_then_device_move_is_not_streamed_silently(tmp_path):
     from conftest import input_ids, tiny_llama
 

@@ -271,6 +271,9 @@ class Runtime:
         self._debug = config.debug_mode
         self._cpu_fallback: Optional[str] = None
         self._fault_in_now = False
+        self._engines: dict = {}
+        # The store file validated at open, held for mappings made after a device move.
+        self._store_fd = os.open(source.path, os.O_RDONLY) if source.zero_copy else -1
         if self._debug:
             logging.basicConfig()
             log.setLevel(logging.DEBUG)
@@ -417,10 +420,15 @@ class Runtime:
         strategy = cfg.prefetch_strategy.value
         pmode = cfg.memory_pressure_mode.value
         self.planner = _core.Planner(self.sizes, unit_budget, strategy, pmode)
-        self.engine = _core.Engine(engine_backend, cfg.num_io_threads, cfg.chunk_mb << 20)
-        # Hold the files validated at open time: a store or shard replaced on disk later is
-        # not read with this layout.
-        self.engine.preopen(list(self.source.files))
+        # One engine per backend for the runtime's life: it holds the files validated at
+        # offload open from its first configuration on, so a store or shard replaced on disk
+        # later (even across device moves) is never read with this layout.
+        engine = self._engines.get(engine_backend)
+        if engine is None:
+            engine = _core.Engine(engine_backend, cfg.num_io_threads, cfg.chunk_mb << 20)
+            engine.preopen(list(self.source.files))
+            self._engines[engine_backend] = engine
+        self.engine = engine
         self._engine_backend = self.engine.backend_name
         self.mode = mode
         self._fault_in_now = mode == "cpu-mmap" and torch.get_num_threads() >= _usable_cores()
@@ -478,11 +486,7 @@ class Runtime:
             self.ring = StagingRing(3, max(self.read_len), self._pinned)
 
     def _map_store(self) -> None:
-        fd = os.open(self.source.path, os.O_RDONLY)
-        try:
-            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        finally:
-            os.close(fd)
+        self._map = mmap.mmap(self._store_fd, 0, access=mmap.ACCESS_COPY)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._map_base = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -546,6 +550,14 @@ class Runtime:
             p.get().data = self._placeholder(p.dtype, new_device, p.shape)
         self.mode = None  # reconfigured lazily, once every unit has moved
         return module
+
+    def __del__(self):
+        fd = getattr(self, "_store_fd", -1)
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # ----------------------------------------------------------------- hooks
 
