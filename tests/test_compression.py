@@ -162,3 +162,34 @@ def test_inspect_shows_the_compression_ratio(tmp_path, capsys):
     assert "compression ratio" in out
     assert "bytegroup" in out
     assert "CORRUPTED" not in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("host_cache_gb", [0, None], ids=["staging-ring", "host-tier"])
+def test_cuda_streaming_decodes_compressed_units_bit_identical(tmp_path, host_cache_gb):
+    """The CUDA path: units decoded by the I/O workers into the pinned staging buffers (or
+    the pinned host tier), then copied: logits identical to the model fully on the GPU."""
+    from conftest import small_llama_bf16
+
+    ids = torch.randint(0, 1024, (1, 10), generator=torch.Generator().manual_seed(5)).cuda()
+    ref = small_llama_bf16(seed=0).cuda()
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    del ref
+    torch.cuda.empty_cache()
+    model = small_llama_bf16(seed=0)
+    cfg = ts.Config(
+        tmp_path / "s",
+        vram_budget_gb=budget_gb(model, 3),
+        compression_enabled=True,
+        host_cache_gb=host_cache_gb,
+    )
+    model = ts.offload(model, cfg).to("cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, ref_logits)
+    s = ts.get_model_statistics(model)
+    assert s["mode"] == "cuda"
+    assert s["compression_ratio"] > 1.05
+    assert s["decoded_bytes"] > 0 and s["errors"] == 0
