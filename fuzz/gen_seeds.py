@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save as st_save
+
 from tensorstream import _core
 
 HERE = Path(__file__).resolve().parent

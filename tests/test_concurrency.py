@@ -28,11 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
-import tensorstream as ts
 import torch
+from test_crash_safety import STORE, net, sample, temp_files, verify_store
+
+import tensorstream as ts
 from tensorstream import _core
 from tensorstream.errors import StoreCorruptedError, TensorStreamError
-from test_crash_safety import STORE, net, sample, temp_files, verify_store
 
 HERE = Path(__file__).resolve().parent
 GiB = 1 << 30

@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 
 import pytest
-import tensorstream as ts
 import torch
+from torch import nn
+
+import tensorstream as ts
 from tensorstream import _core
 from tensorstream.errors import StoreCorruptedError, StreamIOError
 from tensorstream.memory import aligned_empty
-from torch import nn
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 512
