@@ -10,7 +10,9 @@
 //! chunk's stored bytes into its own aligned scratch buffer, decodes them straight into the
 //! chunk's range of the destination, and hashes that range. Chunks stored raw are read
 //! straight into the destination. Reads and decoding of a unit's chunks thus run on all
-//! workers at once, pipelined.
+//! workers at once, pipelined. Since a worker decoding issues no read, the first coded
+//! request also starts as many decode workers again, which take only coded chunks: while
+//! some threads decode, others keep the disk busy.
 
 use crate::codec::{ChunkMode, Decoder, CODEC_CHUNK};
 use crate::error::{Error, Result};
@@ -167,6 +169,9 @@ impl Ticket {
 pub struct Engine {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// Workers for coded chunks only, started with the first coded request.
+    decode_workers: Mutex<Vec<JoinHandle<()>>>,
+    num_threads: usize,
     chunk_bytes: u64,
 }
 
@@ -196,15 +201,31 @@ impl Engine {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("tensorstream-io-{i}"))
-                    .spawn(move || worker(s))
+                    .spawn(move || worker(s, false))
                     .map_err(|e| Error::io("<thread>", "spawn", 0, 0, e))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Engine {
             shared,
             workers,
+            decode_workers: Mutex::new(Vec::new()),
+            num_threads: config.num_threads,
             chunk_bytes: config.chunk_bytes,
         })
+    }
+
+    /// Start the decode workers, once.
+    fn start_decode_workers(&self) -> Result<()> {
+        let mut extra = self.decode_workers.lock().expect("workers poisoned");
+        while extra.len() < self.num_threads {
+            let s = self.shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("tensorstream-dec-{}", extra.len()))
+                .spawn(move || worker(s, true))
+                .map_err(|e| Error::io("<thread>", "spawn", 0, 0, e))?;
+            extra.push(h);
+        }
+        Ok(())
     }
 
     /// The backend's name.
@@ -407,6 +428,9 @@ impl Engine {
             Priority::Demand => c.demand_requests.fetch_add(1, Ordering::Relaxed),
             Priority::Prefetch => c.prefetch_requests.fetch_add(1, Ordering::Relaxed),
         };
+        if jobs_spec.iter().any(|j| j.4.is_some()) {
+            self.start_decode_workers()?;
+        }
         if jobs_spec.is_empty() {
             finish(
                 &self.shared,
@@ -568,12 +592,26 @@ fn finish(shared: &Shared, t: &TicketInner, st: &mut TicketState) {
     t.done.notify_all();
 }
 
-fn worker(shared: Arc<Shared>) {
+/// The next job for a worker: the first queued, demand before prefetch; for a decode
+/// worker (`coded_only`), the first coded chunk.
+fn take_job(q: &mut Queues, coded_only: bool) -> Option<Job> {
+    if !coded_only {
+        return q.demand.pop_front().or_else(|| q.prefetch.pop_front());
+    }
+    for queue in [&mut q.demand, &mut q.prefetch] {
+        if let Some(i) = queue.iter().position(|j| j.decode.is_some()) {
+            return queue.remove(i);
+        }
+    }
+    None
+}
+
+fn worker(shared: Arc<Shared>, coded_only: bool) {
     loop {
         let job = {
             let mut q = shared.queues.lock().expect("queue poisoned");
             loop {
-                if let Some(j) = q.demand.pop_front().or_else(|| q.prefetch.pop_front()) {
+                if let Some(j) = take_job(&mut q, coded_only) {
                     break j;
                 }
                 if q.shutdown {
@@ -761,7 +799,8 @@ impl Drop for Engine {
                 finish(&self.shared, t, &mut st);
             }
         }
-        for w in self.workers.drain(..) {
+        let extra = std::mem::take(&mut *self.decode_workers.lock().expect("workers poisoned"));
+        for w in self.workers.drain(..).chain(extra) {
             let _ = w.join();
         }
     }

@@ -852,3 +852,33 @@ fn decoder_survives_garbage_planes_behind_valid_headers() {
         )
         .unwrap();
 }
+
+/// Coded requests queued on an engine that is dropped end cancelled (decode workers
+/// included), and reads with one I/O worker still decode on the extra decode workers.
+#[test]
+fn coded_requests_survive_engine_drop_and_one_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = corruption_units();
+    let path = write(&dir.path().join("d.tstore"), &units, Some(3), 1);
+    let store = Store::open(&path).unwrap();
+    for (_, backend) in backends() {
+        let e = engine(backend.clone(), 1);
+        for i in 0..2 {
+            read_unit(&e, &store.layout(i).unwrap()).unwrap();
+        }
+        let e = engine(backend, 1);
+        let layout = store.layout(0).unwrap();
+        let mut bufs: Vec<AlignedBuf> = (0..4)
+            .map(|_| AlignedBuf::new(layout.buffer_len as usize))
+            .collect();
+        let tickets: Vec<_> = bufs
+            .iter_mut()
+            .map(|b| {
+                // SAFETY: the buffers outlive the engine, dropped below before them.
+                unsafe { e.submit(&layout, b.as_mut_ptr(), b.len(), Priority::Prefetch) }.unwrap()
+            })
+            .collect();
+        drop(e);
+        assert!(tickets.iter().all(|t| t.is_finished()));
+    }
+}
