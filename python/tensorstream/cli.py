@@ -63,7 +63,7 @@ def _demo_run(args) -> int:
     if args.role == "offload":
         budget_gb = args.budget_fraction * total / 2**30
         info["budget_gb"] = budget_gb
-        cfg = ts.Config(args.store, vram_budget_gb=budget_gb)
+        cfg = ts.Config(args.store, vram_budget_gb=budget_gb, overwrite_store=True)  # the demo's own store
         t0 = time.perf_counter()
         model = ts.offload(model, cfg)
         info["offload_seconds"] = time.perf_counter() - t0
@@ -198,6 +198,10 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=32)
     r.add_argument("--prompt", type=int, default=16)
     r.add_argument("--budget-fraction", type=float, default=0.4)
+    c = sub.add_parser("convert", help="write an aligned, checksummed store from a safetensors checkpoint")
+    c.add_argument("checkpoint", help="checkpoint directory (or a hub id in the local Hugging Face cache)")
+    c.add_argument("store", help="store file, or directory to write <ModelClass>.tstore into")
+    c.add_argument("--dtype", default=None, help="convert tensors to this dtype (float32, bfloat16, float16)")
     i = sub.add_parser("inspect", help="show a store's units, sizes, dtypes and checksum status")
     i.add_argument("store")
     i.add_argument("--no-verify", action="store_true", help="do not read the units to verify their checksums")
@@ -206,6 +210,14 @@ def main(argv=None) -> int:
         return demo(args)
     if args.cmd == "_demo-run":
         return _demo_run(args)
+    if args.cmd == "convert":
+        import torch
+
+        from tensorstream.hf import convert
+
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        print(convert(args.checkpoint, args.store, dtype=dtype, progress=True))
+        return 0
     return inspect(args)
 
 
