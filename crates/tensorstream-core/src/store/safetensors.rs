@@ -265,26 +265,27 @@ fn contained_path(root: &Path, name: &str, index: &Path) -> Result<PathBuf> {
     }
     let full = root.join(p);
     // A Hugging Face cache snapshot (`models--org--name/snapshots/<rev>/`) holds symlinks to
-    // `../../blobs/<hash>`: inside the cached repository, so allowed; nothing further out is.
-    let boundary = match root.canonicalize() {
-        Ok(r)
-            if r.parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|n| n == "snapshots") =>
-        {
-            r.parent()
-                .and_then(|p| p.parent())
-                .map(Path::to_path_buf)
-                .unwrap_or(r)
-        }
-        Ok(r) => r,
-        Err(e) => return Err(Error::io(root, "canonicalize", 0, 0, e)),
-    };
-    let canon_root = boundary;
+    // `../../blobs/<hash>`: a shard may resolve inside the snapshot, or inside that cache
+    // repository's blobs/ directory; nothing else outside the snapshot is allowed.
+    let canon_root = root
+        .canonicalize()
+        .map_err(|e| Error::io(root, "canonicalize", 0, 0, e))?;
+    let cache_blobs = canon_root
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .filter(|repo| {
+            repo.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("models--") || n.starts_with("datasets--"))
+        })
+        .map(|repo| repo.join("blobs"))
+        .filter(|b| b.is_dir());
     let canon = full
         .canonicalize()
         .map_err(|e| Error::io(&full, "open", 0, 0, e))?;
-    if !canon.starts_with(&canon_root) {
+    let in_blobs = cache_blobs.as_ref().is_some_and(|b| canon.starts_with(b));
+    if !canon.starts_with(&canon_root) && !in_blobs {
         return Err(Error::format(
             KIND,
             index,
