@@ -35,6 +35,7 @@ LAYERS, HIDDEN, INTERMEDIATE = 16, 2048, 5632
 
 def codec_rows(gb: float, level: int) -> list:
     import torch
+
     from tensorstream import _core
 
     rows = []
@@ -76,9 +77,10 @@ def codec_rows(gb: float, level: int) -> list:
 
 def child(args) -> None:
     """One end-to-end setting: build, offload (writing the store), cold forwards."""
-    import tensorstream as ts
     import torch
     from _common import build_llama, drop_caches, llama_config
+
+    import tensorstream as ts
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import budget_gb, input_ids, logits_and_tokens, tiny_llama
+
+import tensorstream as ts
 from tensorstream import _core
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
