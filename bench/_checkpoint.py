@@ -27,7 +27,9 @@ def write_sharded_llama(path: str, cfg, dtype: torch.dtype, seed: int = 0, layer
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
     groups = [[n for n in shapes if not n.startswith("model.layers.")]]
     for start in range(0, cfg.num_hidden_layers, layers_per_shard):
-        keep = {f"model.layers.{i}." for i in range(start, min(start + layers_per_shard, cfg.num_hidden_layers))}
+        keep = {
+            f"model.layers.{i}." for i in range(start, min(start + layers_per_shard, cfg.num_hidden_layers))
+        }
         groups.append([n for n in shapes if any(n.startswith(k) for k in keep)])
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0

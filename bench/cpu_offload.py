@@ -28,8 +28,9 @@ sys.path.insert(0, HERE)
 def child(args) -> None:
     import torch
     from _common import drop_caches, time_generate
-    from tensorstream.memory import peak_rss, reset_peak_rss
     from transformers import AutoModelForCausalLM
+
+    from tensorstream.memory import peak_rss, reset_peak_rss
 
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (1, 32), generator=torch.Generator().manual_seed(1))
@@ -72,20 +73,52 @@ def child(args) -> None:
         import tensorstream as ts
 
         s = ts.get_model_statistics(model)
-        res["stats"] = {k: s[k] for k in ("backend", "peak_usage_bytes", "budget_bytes", "kept_layers", "units", "bytes_read", "cache_hit_rate", "prefetch_hit_rate", "stall_seconds")}
+        res["stats"] = {
+            k: s[k]
+            for k in (
+                "backend",
+                "peak_usage_bytes",
+                "budget_bytes",
+                "kept_layers",
+                "units",
+                "bytes_read",
+                "cache_hit_rate",
+                "prefetch_hit_rate",
+                "stall_seconds",
+            )
+        }
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def run(role: str, args, **extra) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--ckpt", args.ckpt, "--store", args.store]
-    cmd += ["--offload-folder", args.offload_folder, "--budget-gb", str(args.budget_gb), "--tokens", str(args.tokens)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        role,
+        "--ckpt",
+        args.ckpt,
+        "--store",
+        args.store,
+    ]
+    cmd += [
+        "--offload-folder",
+        args.offload_folder,
+        "--budget-gb",
+        str(args.budget_gb),
+        "--tokens",
+        str(args.tokens),
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode:
         raise SystemExit(f"{role} run failed ({p.returncode})")
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
-    print(f"{role}: {res.get('tok_s', 0):.2f} tok/s, cold first token {res.get('cold_first_token_s', float('nan')):.2f}s, "
-          f"peak RSS {res['peak_rss'] / 1e9:.2f} GB ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"{role}: {res.get('tok_s', 0):.2f} tok/s, cold first token {res.get('cold_first_token_s', float('nan')):.2f}s, "
+        f"peak RSS {res['peak_rss'] / 1e9:.2f} GB ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     return res
 
 
@@ -123,15 +156,41 @@ def main() -> int:
     budget = args.budget_gb * 2**30
     rows = [
         ["in memory", f"{ref['tok_s']:.2f}", "", f"{ref['peak_rss'] / 1e9:.2f} GB", "reference"],
-        [f"TensorStream, {args.budget_gb:g} GiB budget", f"{ts_res['tok_s']:.2f}", f"{ts_res['cold_first_token_s']:.2f} s",
-         f"{ts_res['peak_rss'] / 1e9:.2f} GB", f"tokens identical: {same_ts}; {ts_res['stats']['backend']}"],
-        [f"Accelerate disk offload, {args.budget_gb:g} GiB", f"{acc['tok_s']:.2f}", f"{acc['cold_first_token_s']:.2f} s",
-         f"{acc['peak_rss'] / 1e9:.2f} GB", f"tokens identical: {same_acc}"],
-        ["TensorStream vs Accelerate", f"{ts_res['tok_s'] / acc['tok_s']:.2f}x", f"{acc['cold_first_token_s'] / ts_res['cold_first_token_s']:.2f}x faster", "", ""],
-        ["TensorStream peak RSS - budget", "", "", f"{(ts_res['peak_rss'] - budget) / 1e6:.0f} MB", "target <= 600 MB"],
+        [
+            f"TensorStream, {args.budget_gb:g} GiB budget",
+            f"{ts_res['tok_s']:.2f}",
+            f"{ts_res['cold_first_token_s']:.2f} s",
+            f"{ts_res['peak_rss'] / 1e9:.2f} GB",
+            f"tokens identical: {same_ts}; {ts_res['stats']['backend']}",
+        ],
+        [
+            f"Accelerate disk offload, {args.budget_gb:g} GiB",
+            f"{acc['tok_s']:.2f}",
+            f"{acc['cold_first_token_s']:.2f} s",
+            f"{acc['peak_rss'] / 1e9:.2f} GB",
+            f"tokens identical: {same_acc}",
+        ],
+        [
+            "TensorStream vs Accelerate",
+            f"{ts_res['tok_s'] / acc['tok_s']:.2f}x",
+            f"{acc['cold_first_token_s'] / ts_res['cold_first_token_s']:.2f}x faster",
+            "",
+            "",
+        ],
+        [
+            "TensorStream peak RSS - budget",
+            "",
+            "",
+            f"{(ts_res['peak_rss'] - budget) / 1e6:.0f} MB",
+            "target <= 600 MB",
+        ],
     ]
     print()
-    print_table(f"CPU offload, 2.2 GB fp32 Llama, {machine()}", ["run", "tok/s (warm)", "first token (cold)", "peak RSS", "note"], rows)
+    print_table(
+        f"CPU offload, 2.2 GB fp32 Llama, {machine()}",
+        ["run", "tok/s (warm)", "first token (cold)", "peak RSS", "note"],
+        rows,
+    )
     print(f"\nTensorStream stats: {json.dumps(ts_res['stats'])}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

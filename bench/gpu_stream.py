@@ -58,8 +58,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/gpu_stream.py needs a CUDA device", file=sys.stderr)
         return 2
-    import tensorstream as ts
     from transformers import AutoModelForCausalLM
+
+    import tensorstream as ts
 
     work = args.workdir or tempfile.mkdtemp(prefix="ts-gpu-bench-")
     ckpt = os.path.join(work, "ckpt")
@@ -82,7 +83,10 @@ def main() -> int:
     time_generate(model, prompt1.cuda(), 4)
     results["gpu_b1"], ref1 = time_generate(model, prompt1.cuda(), args.new_tokens)
     results["gpu_b16"], ref16 = time_generate(model, prompt16.cuda(), args.batch16_tokens)
-    print(f"full GPU: {results['gpu_b1']:.2f} tok/s batch 1, {results['gpu_b16']:.1f} tok/s batch 16", flush=True)
+    print(
+        f"full GPU: {results['gpu_b1']:.2f} tok/s batch 1, {results['gpu_b16']:.1f} tok/s batch 16",
+        flush=True,
+    )
     t0 = time.perf_counter()
     model.save_pretrained(ckpt)
     print(f"saved checkpoint in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -109,7 +113,10 @@ def main() -> int:
     same16 = torch.equal(out16.cpu(), ref16.cpu())
     stats = ts.get_model_statistics(model)
     peak_alloc = torch.cuda.max_memory_allocated()
-    print(f"TensorStream: {results['ts_b1']:.2f} tok/s batch 1, {results['ts_b16']:.1f} batch 16; identical tokens: {same1} / {same16}", flush=True)
+    print(
+        f"TensorStream: {results['ts_b1']:.2f} tok/s batch 1, {results['ts_b16']:.1f} batch 16; identical tokens: {same1} / {same16}",
+        flush=True,
+    )
     print(
         f"  stats: backend={stats['backend']} kept={stats['kept_layers']}/{stats['units']} "
         f"peak_usage={stats['peak_usage_bytes'] / 2**30:.2f} GiB of {stats['budget_gb']:.2f}; "
@@ -125,13 +132,19 @@ def main() -> int:
     if not args.skip_accelerate:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
-            ckpt, dtype=torch.bfloat16, device_map="auto", max_memory={0: f"{args.budget_gb:g}GiB", "cpu": "100GiB"}
+            ckpt,
+            dtype=torch.bfloat16,
+            device_map="auto",
+            max_memory={0: f"{args.budget_gb:g}GiB", "cpu": "100GiB"},
         ).eval()
         print(f"Accelerate load in {time.perf_counter() - t0:.1f}s", flush=True)
         time_generate(model, prompt1.cuda(), 2)
         results["acc_b1"], acc1 = time_generate(model, prompt1.cuda(), args.new_tokens)
         results["acc_b16"], acc16 = time_generate(model, prompt16.cuda(), args.batch16_tokens)
-        print(f"Accelerate: {results['acc_b1']:.2f} tok/s batch 1, {results['acc_b16']:.1f} batch 16", flush=True)
+        print(
+            f"Accelerate: {results['acc_b1']:.2f} tok/s batch 1, {results['acc_b16']:.1f} batch 16",
+            flush=True,
+        )
         del model
         free_cuda()
     shutil.rmtree(work, ignore_errors=True)
@@ -144,11 +157,23 @@ def main() -> int:
         ["pinned host-to-device bandwidth (measured)", f"{bw / 1e9:.1f} GB/s", ""],
         ["model (bf16, all layers)", f"{model_bytes / 1e9:.2f} GB", f"{args.layers} layers"],
         ["batch 1, fully on the GPU", f"{results['gpu_b1']:.2f} tok/s", "reference"],
-        ["batch 1, TensorStream, vram_budget_gb=3", f"{results['ts_b1']:.2f} tok/s", f"tokens identical: {same1}"],
+        [
+            "batch 1, TensorStream, vram_budget_gb=3",
+            f"{results['ts_b1']:.2f} tok/s",
+            f"tokens identical: {same1}",
+        ],
         ["batch 1, Accelerate, max_memory 3GiB", f"{acc1:.2f} tok/s" if acc1 else "skipped", ""],
         ["TensorStream / Accelerate, batch 1", f"{results['ts_b1'] / acc1:.1f}x" if acc1 else "", ""],
-        ["bytes streamed per token (TensorStream)", f"{streamed_per_pass / 1e9:.2f} GB", f"{stats['kept_layers']} of {stats['units']} layers kept on GPU"],
-        ["link limit = streamed bytes / bandwidth", f"{limit_tps:.2f} tok/s", f"{limit_s * 1e3:.1f} ms per token"],
+        [
+            "bytes streamed per token (TensorStream)",
+            f"{streamed_per_pass / 1e9:.2f} GB",
+            f"{stats['kept_layers']} of {stats['units']} layers kept on GPU",
+        ],
+        [
+            "link limit = streamed bytes / bandwidth",
+            f"{limit_tps:.2f} tok/s",
+            f"{limit_s * 1e3:.1f} ms per token",
+        ],
         ["TensorStream share of the link limit", f"{100 * results['ts_b1'] / limit_tps:.0f}%", ""],
         ["batch 16, fully on the GPU", f"{results['gpu_b16']:.1f} tok/s", ""],
         ["batch 16, TensorStream", f"{results['ts_b16']:.1f} tok/s", f"tokens identical: {same16}"],

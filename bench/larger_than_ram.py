@@ -25,8 +25,8 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-
     from _common import drop_caches
+
     from tensorstream.memory import peak_rss
 
     torch.manual_seed(0)
@@ -37,13 +37,18 @@ def child(args) -> None:
     if args.role == "tensorstream":
         import tensorstream as ts
 
-        cfg = ts.Config(os.path.join(args.workdir, "ts-store"), vram_budget_gb=args.budget_gb or None, num_io_threads=4)
+        cfg = ts.Config(
+            os.path.join(args.workdir, "ts-store"), vram_budget_gb=args.budget_gb or None, num_io_threads=4
+        )
         model = ts.from_pretrained(args.ckpt, cfg, dtype=torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            args.ckpt, dtype=torch.float32, device_map="auto", max_memory={"cpu": "8GiB"},
+            args.ckpt,
+            dtype=torch.float32,
+            device_map="auto",
+            max_memory={"cpu": "8GiB"},
             offload_folder=os.path.join(args.workdir, "acc-offload"),
         ).eval()
     res["load_s"] = time.perf_counter() - t0
@@ -57,22 +62,27 @@ def child(args) -> None:
             out = model(ids).logits
         res["forward_s"].append(time.perf_counter() - t0)
         if before is not None:
-            res.setdefault("bytes_per_forward", []).append(ts.get_model_statistics(model)["bytes_read"] - before)
+            res.setdefault("bytes_per_forward", []).append(
+                ts.get_model_statistics(model)["bytes_read"] - before
+            )
         logits = out if logits is None else logits
     res["argmax"] = logits[0, -1].argmax().item()
     res["logits_sum"] = float(logits.double().sum())
     res["peak_rss"] = peak_rss()
     if args.role == "tensorstream":
         s = ts.get_model_statistics(model)
-        res["stats"] = {k: s[k] for k in ("backend", "budget_bytes", "kept_layers", "units", "peak_usage_bytes", "fallbacks")}
+        res["stats"] = {
+            k: s[k]
+            for k in ("backend", "budget_bytes", "kept_layers", "units", "peak_usage_bytes", "fallbacks")
+        }
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def odirect_bandwidth(ckpt: str) -> float:
     """GB/s of the core engine reading the checkpoint's layer shards cold with O_DIRECT."""
     import torch  # noqa: F401
-
     from _common import drop_caches
+
     from tensorstream import _core
     from tensorstream.memory import aligned_empty
 
@@ -91,14 +101,26 @@ def odirect_bandwidth(ckpt: str) -> float:
 
 
 def run(role: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--workdir", args.workdir, "--forwards", str(args.forwards)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        role,
+        "--workdir",
+        args.workdir,
+        "--forwards",
+        str(args.forwards),
+    ]
     cmd += ["--budget-gb", str(args.budget_gb or 0), "--layers", str(args.layers)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if p.returncode:
         raise SystemExit(f"{role} failed ({p.returncode})")
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
-    print(f"{role}: load {res['load_s']:.1f}s, forwards {['%.2f' % x for x in res['forward_s']]}, peak RSS {res['peak_rss'] / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"{role}: load {res['load_s']:.1f}s, forwards {[f'{x:.2f}' for x in res['forward_s']]}, peak RSS {res['peak_rss'] / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     return res
 
 
@@ -117,14 +139,17 @@ def main() -> int:
         child(args)
         return 0
     import torch
-
     from _checkpoint import write_sharded_llama
     from _common import llama_config, machine, print_table
+
     from tensorstream.memory import total_ram
 
     t0 = time.perf_counter()
     size = write_sharded_llama(args.ckpt, llama_config(4096, 11008, args.layers, 32), torch.float32)
-    print(f"checkpoint: {size / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s); RAM {total_ram() / 1e9:.1f} GB", flush=True)
+    print(
+        f"checkpoint: {size / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s); RAM {total_ram() / 1e9:.1f} GB",
+        flush=True,
+    )
     bw = odirect_bandwidth(args.ckpt)
     print(f"O_DIRECT read bandwidth: {bw / 1e9:.2f} GB/s", flush=True)
     ts_res = run("tensorstream", args)
@@ -137,13 +162,37 @@ def main() -> int:
         ["checkpoint", f"{size / 1e9:.1f} GB fp32", f"machine RAM {total_ram() / 1e9:.1f} GB"],
         ["O_DIRECT read bandwidth (measured)", f"{bw / 1e9:.2f} GB/s", ""],
         ["TensorStream first forward", f"{ts_res['forward_s'][0]:.1f} s", f"load {ts_res['load_s']:.1f} s"],
-        ["TensorStream steady forward", f"{steady(ts_res):.1f} s", f"budget {ts_res['stats']['budget_bytes'] / 2**30:.1f} GiB, {ts_res['stats']['kept_layers']}/{ts_res['stats']['units']} layers kept"],
+        [
+            "TensorStream steady forward",
+            f"{steady(ts_res):.1f} s",
+            f"budget {ts_res['stats']['budget_bytes'] / 2**30:.1f} GiB, {ts_res['stats']['kept_layers']}/{ts_res['stats']['units']} layers kept",
+        ],
         ["bytes read from disk per forward", f"{per_fwd / 1e9:.2f} GB", ""],
-        ["limit = bytes per forward / bandwidth", f"{limit:.1f} s", f"TensorStream at {steady(ts_res) / limit:.2f}x its limit" if limit else "nothing streamed: all layers fit the budget"],
-        ["Accelerate first forward", f"{acc['forward_s'][0]:.1f} s" if acc else "skipped", f"load {acc['load_s']:.1f} s" if acc else ""],
+        [
+            "limit = bytes per forward / bandwidth",
+            f"{limit:.1f} s",
+            f"TensorStream at {steady(ts_res) / limit:.2f}x its limit"
+            if limit
+            else "nothing streamed: all layers fit the budget",
+        ],
+        [
+            "Accelerate first forward",
+            f"{acc['forward_s'][0]:.1f} s" if acc else "skipped",
+            f"load {acc['load_s']:.1f} s" if acc else "",
+        ],
         ["Accelerate steady forward", f"{steady(acc):.1f} s" if acc else "skipped", ""],
-        ["TensorStream speed-up, steady", f"{steady(acc) / steady(ts_res):.2f}x" if acc else "", f"same next token: {same}"],
-        ["peak RSS TensorStream / Accelerate", f"{ts_res['peak_rss'] / 1e9:.1f} / {acc['peak_rss'] / 1e9:.1f} GB" if acc else f"{ts_res['peak_rss'] / 1e9:.1f} GB", ""],
+        [
+            "TensorStream speed-up, steady",
+            f"{steady(acc) / steady(ts_res):.2f}x" if acc else "",
+            f"same next token: {same}",
+        ],
+        [
+            "peak RSS TensorStream / Accelerate",
+            f"{ts_res['peak_rss'] / 1e9:.1f} / {acc['peak_rss'] / 1e9:.1f} GB"
+            if acc
+            else f"{ts_res['peak_rss'] / 1e9:.1f} GB",
+            "",
+        ],
     ]
     print()
     print_table(f"Larger than RAM, {machine()}", ["what", "figure", "note"], rows)

@@ -24,8 +24,8 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-
     from _common import drop_caches
+
     from tensorstream.memory import peak_rss
 
     ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -34,12 +34,19 @@ def child(args) -> None:
     if args.role == "tensorstream":
         import tensorstream as ts
 
-        model = ts.from_pretrained(args.ckpt, ts.Config(os.path.join(args.workdir, "ts"), vram_budget_gb=args.budget_gb), dtype=torch.float32)
+        model = ts.from_pretrained(
+            args.ckpt,
+            ts.Config(os.path.join(args.workdir, "ts"), vram_budget_gb=args.budget_gb),
+            dtype=torch.float32,
+        )
     else:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            args.ckpt, dtype=torch.float32, device_map="auto", max_memory={"cpu": f"{args.budget_gb:g}GiB"},
+            args.ckpt,
+            dtype=torch.float32,
+            device_map="auto",
+            max_memory={"cpu": f"{args.budget_gb:g}GiB"},
             offload_folder=os.path.join(args.workdir, f"acc-{os.getpid()}"),
         ).eval()
     load = time.perf_counter() - t0
@@ -79,7 +86,6 @@ def main() -> int:
     import shutil
 
     import torch
-
     from _checkpoint import write_sharded_llama
     from _common import llama_config, machine, print_table
 
@@ -90,12 +96,27 @@ def main() -> int:
         if d.startswith("acc-"):
             shutil.rmtree(os.path.join(args.workdir, d), ignore_errors=True)
     rows = [
-        ["TensorStream from_pretrained", f"{ts_res['peak_rss'] / 1e9:.2f} GB", f"{ts_res['ttft_s']:.1f} s", f"{ts_res['load_s']:.1f} s", ts_res["stats"]["backend"]],
-        ["transformers device_map=auto + offload_folder", f"{hf['peak_rss'] / 1e9:.2f} GB", f"{hf['ttft_s']:.1f} s", f"{hf['load_s']:.1f} s", f"same token: {hf['token'] == ts_res['token']}"],
+        [
+            "TensorStream from_pretrained",
+            f"{ts_res['peak_rss'] / 1e9:.2f} GB",
+            f"{ts_res['ttft_s']:.1f} s",
+            f"{ts_res['load_s']:.1f} s",
+            ts_res["stats"]["backend"],
+        ],
+        [
+            "transformers device_map=auto + offload_folder",
+            f"{hf['peak_rss'] / 1e9:.2f} GB",
+            f"{hf['ttft_s']:.1f} s",
+            f"{hf['load_s']:.1f} s",
+            f"same token: {hf['token'] == ts_res['token']}",
+        ],
     ]
     print()
-    print_table(f"Loading a {size / 1e9:.1f} GB checkpoint with a {args.budget_gb:g} GiB budget, {machine()}",
-                ["run", "peak RSS", "time to first token", "of which loading", "note"], rows)
+    print_table(
+        f"Loading a {size / 1e9:.1f} GB checkpoint with a {args.budget_gb:g} GiB budget, {machine()}",
+        ["run", "peak RSS", "time to first token", "of which loading", "note"],
+        rows,
+    )
     return 0
 
 

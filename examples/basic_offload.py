@@ -33,7 +33,9 @@ def main() -> None:
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
     reference = build().to(device)
     with torch.no_grad():
-        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        expected = reference.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
+        )
     size = tensorstream.estimate_model_memory(reference)
     del reference
 
@@ -45,8 +47,12 @@ def main() -> None:
         tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
 
     stats = tensorstream.get_model_statistics(model)
-    print(f"model {size / 1e6:.0f} MB, budget {stats['budget_gb'] * 1024:.0f} MiB, backend {stats['backend']}")
-    print(f"peak weights held {stats['peak_usage_bytes'] / 1e6:.0f} MB; layers kept {stats['kept_layers']} of {stats['units']}")
+    print(
+        f"model {size / 1e6:.0f} MB, budget {stats['budget_gb'] * 1024:.0f} MiB, backend {stats['backend']}"
+    )
+    print(
+        f"peak weights held {stats['peak_usage_bytes'] / 1e6:.0f} MB; layers kept {stats['kept_layers']} of {stats['units']}"
+    )
     print(f"tokens identical to the model not offloaded: {torch.equal(tokens, expected)}")
 
 

@@ -8,9 +8,10 @@ weights: one stays the un-offloaded reference, the other is offloaded.
 from __future__ import annotations
 
 import pytest
-import tensorstream as ts
 import torch
 from torch import nn
+
+import tensorstream as ts
 
 GiB = 1 << 30
 PAGE = 4096

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import (
     CPU_BACKENDS,
@@ -22,6 +21,8 @@ from conftest import (
     tiny_gpt2,
     tiny_llama,
 )
+
+import tensorstream as ts
 
 # (strategy, memory pressure mode) -> units the planner needs at once
 WINDOW = {
@@ -127,7 +128,12 @@ def test_budget_below_the_resident_modules_streams_them_or_raises_budget_error(t
 def test_budget_error_message_names_the_largest_unit_bytes(tmp_path):
     model = tiny_llama(tied=False, seed=2)
     with pytest.raises(ts.BudgetError) as info:
-        offload(model, tmp_path, vram_budget_gb=0.5 * padded_unit_bytes(largest_layer(model)) / GiB, prefetch_strategy="none")
+        offload(
+            model,
+            tmp_path,
+            vram_budget_gb=0.5 * padded_unit_bytes(largest_layer(model)) / GiB,
+            prefetch_strategy="none",
+        )
     store = ts._core.Store(str(tmp_path / "LlamaForCausalLM.tstore"))
     layer_sizes = {u[3] for u in store.units() if u[0].startswith("model.layers.")}
     assert len(layer_sizes) == 1

@@ -4,6 +4,7 @@ field; enum fields accept members and plain strings alike."""
 from __future__ import annotations
 
 import pytest
+
 import tensorstream as ts
 from tensorstream.errors import ConfigError, TensorStreamError
 

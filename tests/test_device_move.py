@@ -4,9 +4,10 @@ a dtype change of streamed units is refused."""
 from __future__ import annotations
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import CPU_BACKENDS, budget_gb, input_ids, logits_and_tokens, offload, tiny_gpt2, tiny_llama
+
+import tensorstream as ts
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ streaming (room for 2.5 of the 4 decoder layers)."""
 from __future__ import annotations
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import (
     ALL_STRATEGIES,
@@ -17,6 +16,8 @@ from conftest import (
     tiny_gpt2,
     tiny_llama,
 )
+
+import tensorstream as ts
 
 ARCHITECTURES = {
     "llama_tied": lambda seed: tiny_llama(tied=True, seed=seed),

@@ -8,9 +8,10 @@ import threading
 import time
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import ALL_STRATEGIES, budget_gb, input_ids, offload, tiny_llama
+
+import tensorstream as ts
 
 STORE = "LlamaForCausalLM.tstore"
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import ALL_STRATEGIES, GiB, budget_gb, small_llama_bf16
+
+import tensorstream as ts
 
 pytestmark = [
     pytest.mark.gpu,

@@ -4,7 +4,6 @@ pressure callback."""
 from __future__ import annotations
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import (
     ALL_MODES,
@@ -17,6 +16,8 @@ from conftest import (
     tiny_llama,
 )
 from torch import nn
+
+import tensorstream as ts
 
 
 def _mlp(seed: int) -> nn.Sequential:

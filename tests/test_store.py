@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import tensorstream as ts
 import torch
 from conftest import CPU_BACKENDS, budget_gb, input_ids, offload, tiny_llama
+
+import tensorstream as ts
 
 STORE = "LlamaForCausalLM.tstore"
 

@@ -101,7 +101,17 @@ def _demo_run(args) -> int:
 
 
 def _run_child(role: str, args) -> dict:
-    cmd = [sys.executable, "-m", "tensorstream.cli", "_demo-run", role, "--store", args.store, "--tokens", str(args.tokens)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorstream.cli",
+        "_demo-run",
+        role,
+        "--store",
+        args.store,
+        "--tokens",
+        str(args.tokens),
+    ]
     cmd += ["--prompt", str(args.prompt), "--budget-fraction", str(args.budget_fraction)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -123,10 +133,18 @@ def demo(args) -> int:
     gb = 1e9
     rows = [
         ("model size", f"{ref['model_bytes'] / gb:.2f} GB", ""),
-        ("budget (vram_budget_gb, on CPU: RAM)", f"{off['budget_gb']:.3f} GiB", f"{args.budget_fraction:.0%} of the model"),
+        (
+            "budget (vram_budget_gb, on CPU: RAM)",
+            f"{off['budget_gb']:.3f} GiB",
+            f"{args.budget_fraction:.0%} of the model",
+        ),
         ("tokens/s", f"{ref['tok_per_s']:.2f}", f"{off['tok_per_s']:.2f}"),
         ("peak RSS while generating", f"{ref['peak_rss'] / gb:.2f} GB", f"{off['peak_rss'] / gb:.2f} GB"),
-        ("weights held (engine accounting, peak)", "", f"{off['peak_usage'] / gb:.2f} GB of {off['budget_bytes'] / gb:.2f} GB budget"),
+        (
+            "weights held (engine accounting, peak)",
+            "",
+            f"{off['peak_usage'] / gb:.2f} GB of {off['budget_bytes'] / gb:.2f} GB budget",
+        ),
         ("bytes streamed", "", f"{off['bytes_read'] / gb:.2f} GB"),
         ("layers kept resident", "", f"{off['kept']} of {off['units']}"),
         ("cache hit rate / prefetch hit rate", "", f"{off['hit_rate']:.0%} / {off['prefetch_hit_rate']:.0%}"),

@@ -71,7 +71,9 @@ def _coerce(enum_cls: type[Enum], value: EnumLike, field_name: str) -> Enum:
             if key in (member.value, member.name.lower()):
                 return member
     allowed = ", ".join(repr(m.value) for m in enum_cls)
-    raise ConfigError(f"Config.{field_name}={value!r} is not valid; allowed: {allowed} (or {enum_cls.__name__} members)")
+    raise ConfigError(
+        f"Config.{field_name}={value!r} is not valid; allowed: {allowed} (or {enum_cls.__name__} members)"
+    )
 
 
 @dataclass
@@ -115,12 +117,18 @@ class Config:
             raise ConfigError(f"Config.storage_path={self.storage_path!r} must be a non-empty path")
         if self.vram_budget_gb is not None:
             if isinstance(self.vram_budget_gb, bool) or not isinstance(self.vram_budget_gb, (int, float)):
-                raise ConfigError(f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a number of GB or None")
+                raise ConfigError(
+                    f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a number of GB or None"
+                )
             if not (self.vram_budget_gb > 0) or self.vram_budget_gb == float("inf"):
-                raise ConfigError(f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a positive, finite number of GB")
+                raise ConfigError(
+                    f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a positive, finite number of GB"
+                )
         self.backend = _coerce(BackendType, self.backend, "backend")
         self.prefetch_strategy = _coerce(PrefetchStrategy, self.prefetch_strategy, "prefetch_strategy")
-        self.memory_pressure_mode = _coerce(MemoryPressureMode, self.memory_pressure_mode, "memory_pressure_mode")
+        self.memory_pressure_mode = _coerce(
+            MemoryPressureMode, self.memory_pressure_mode, "memory_pressure_mode"
+        )
         for name in ("compression_enabled", "debug_mode", "overwrite_store"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r} must be True or False")
@@ -130,15 +138,21 @@ class Config:
         if self.chunk_mb % 4:
             raise ConfigError(f"Config.chunk_mb={self.chunk_mb} must be a multiple of 4")
         if self.host_cache_gb is not None:
-            if isinstance(self.host_cache_gb, bool) or not isinstance(self.host_cache_gb, (int, float)) or not (
-                0 <= self.host_cache_gb < float("inf")
+            if (
+                isinstance(self.host_cache_gb, bool)
+                or not isinstance(self.host_cache_gb, (int, float))
+                or not (0 <= self.host_cache_gb < float("inf"))
             ):
-                raise ConfigError(f"Config.host_cache_gb={self.host_cache_gb!r} must be a number >= 0 or None")
+                raise ConfigError(
+                    f"Config.host_cache_gb={self.host_cache_gb!r} must be a number >= 0 or None"
+                )
         if self.units is not None:
             if isinstance(self.units, str) or not all(isinstance(u, str) and u for u in self.units):
                 raise ConfigError(f"Config.units={self.units!r} must be a list of module or class names")
             self.units = list(self.units)
-        if self.store_name is not None and (not self.store_name or "/" in self.store_name or self.store_name in (".", "..")):
+        if self.store_name is not None and (
+            not self.store_name or "/" in self.store_name or self.store_name in (".", "..")
+        ):
             raise ConfigError(f"Config.store_name={self.store_name!r} must be a plain file name")
 
     @property
@@ -158,4 +172,11 @@ def create_default_config(storage_path: Union[str, os.PathLike]) -> Config:
     return Config(storage_path=storage_path)
 
 
-__all__ = ["Config", "BackendType", "PrefetchStrategy", "MemoryPressureMode", "create_default_config", "field"]
+__all__ = [
+    "Config",
+    "BackendType",
+    "PrefetchStrategy",
+    "MemoryPressureMode",
+    "create_default_config",
+    "field",
+]

@@ -35,7 +35,9 @@ def resolve_checkpoint(name_or_path: str) -> str:
         ) from None
 
 
-def _skeleton(path: str, auto_class, dtype: Optional[torch.dtype], trust_remote_code: bool = False) -> nn.Module:
+def _skeleton(
+    path: str, auto_class, dtype: Optional[torch.dtype], trust_remote_code: bool = False
+) -> nn.Module:
     """The model with its parameters on the meta device (no memory), buffers real."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,7 +133,9 @@ def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set,
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in streamed]
     if still_meta:
-        raise StoreMismatchError(f"checkpoint {path_view.path} lacks {len(still_meta)} tensor(s) the model needs: {still_meta[:5]}")
+        raise StoreMismatchError(
+            f"checkpoint {path_view.path} lacks {len(still_meta)} tensor(s) the model needs: {still_meta[:5]}"
+        )
 
 
 def from_pretrained(
@@ -157,10 +161,17 @@ def from_pretrained(
     model = _skeleton(path, auto_class, dtype, trust_remote_code)
     units = analyse(model, config.units)
     if not units:
-        raise InvalidArgumentError(f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])")
+        raise InvalidArgumentError(
+            f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])"
+        )
     candidates = with_candidates(model, units)[len(units) :]
     units = streamed_subset(
-        model, units, candidates, config.budget_bytes, config.prefetch_strategy.value, config.memory_pressure_mode.value
+        model,
+        units,
+        candidates,
+        config.budget_bytes,
+        config.prefetch_strategy.value,
+        config.memory_pressure_mode.value,
     )
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
@@ -169,7 +180,9 @@ def from_pretrained(
     # Streamed parameters leave the meta device for placeholders of their final shape.
     for u in units:
         for p in u.params:
-            p.module._parameters[p.attr] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+            p.module._parameters[p.attr] = nn.Parameter(
+                torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False
+            )
     store_path = store or _find_store(config, model, path)
     if store_path:
         st = _core.Store(str(store_path))

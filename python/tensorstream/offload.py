@@ -99,7 +99,11 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
     all_units = with_candidates(model, units)
     store = open_or_write_store(model, all_units, config)
     units = streamed_subset(
-        model, units, all_units[len(units) :], config.budget_bytes, config.prefetch_strategy.value,
+        model,
+        units,
+        all_units[len(units) :],
+        config.budget_bytes,
+        config.prefetch_strategy.value,
         config.memory_pressure_mode.value,
     )
     runtime = Runtime(model, units, StoreSource(store), config, _model_device(model))
@@ -111,5 +115,7 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
 def runtime_of(model: nn.Module) -> Runtime:
     rt = getattr(model, "_tensorstream", None)
     if rt is None:
-        raise InvalidArgumentError(f"{type(model).__name__} is not offloaded; call tensorstream.offload(model, config) first")
+        raise InvalidArgumentError(
+            f"{type(model).__name__} is not offloaded; call tensorstream.offload(model, config) first"
+        )
     return rt

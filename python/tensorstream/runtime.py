@@ -130,7 +130,9 @@ class SlotPool:
                     self.allocated -= size
                     break
         if self.allocated + nbytes > self.limit:
-            raise BudgetError(f"slot pool: {self.allocated} + {nbytes} bytes would exceed the {self.limit}-byte budget")
+            raise BudgetError(
+                f"slot pool: {self.allocated} + {nbytes} bytes would exceed the {self.limit}-byte budget"
+            )
         if self.device.type == "cpu":
             buf = aligned_empty(nbytes)
         else:
@@ -177,7 +179,9 @@ class StagingRing:
                 break
             self.waits += 1
             self.events[pending[0]].synchronize()
-        raise TensorStreamError("staging ring exhausted: every pinned staging buffer holds a read in progress")
+        raise TensorStreamError(
+            "staging ring exhausted: every pinned staging buffer holds a read in progress"
+        )
 
     def release(self, i: int, event=None) -> None:
         self.busy[i] = False
@@ -368,7 +372,9 @@ class Runtime:
         elif dev.type == "cpu":
             default_budget = max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
         else:
-            raise InvalidArgumentError(f"device {dev} is not supported; TensorStream streams to CPU or CUDA devices")
+            raise InvalidArgumentError(
+                f"device {dev} is not supported; TensorStream streams to CPU or CUDA devices"
+            )
         budget = cfg.budget_bytes if cfg.budget_bytes is not None else default_budget
         unit_budget = budget - resident
         strategy = cfg.prefetch_strategy.value
@@ -414,7 +420,11 @@ class Runtime:
             elif requested == BackendType.PREAD:
                 mode = "cpu-pread"
             else:
-                mode = "cpu-mmap" if self.source.zero_copy and self.source.file_len < 0.5 * available_ram() else "cpu-pread"
+                mode = (
+                    "cpu-mmap"
+                    if self.source.zero_copy and self.source.file_len < 0.5 * available_ram()
+                    else "cpu-pread"
+                )
             engine_backend = "mmap" if requested == BackendType.MMAP else "pread_direct"
         unit_budget = self.budget - self.resident_bytes
         strategy = cfg.prefetch_strategy.value
@@ -439,7 +449,13 @@ class Runtime:
         if mode == "cuda":
             self.copy_stream = torch.cuda.Stream(device=dev)
             self._plan_host_cache()
-        log.debug("configured %s: budget %d, resident modules %d, units %d", mode, self.budget, self.resident_bytes, len(self.units))
+        log.debug(
+            "configured %s: budget %d, resident modules %d, units %d",
+            mode,
+            self.budget,
+            self.resident_bytes,
+            len(self.units),
+        )
 
     def _fallback(self, msg: str) -> None:
         if msg not in self.counters.fallbacks:
@@ -452,7 +468,9 @@ class Runtime:
         if ok:
             self.pinned_bytes += nbytes
         else:
-            self._fallback("cudaHostRegister failed; host buffers are pageable, so copies to the GPU run about 8x slower")
+            self._fallback(
+                "cudaHostRegister failed; host buffers are pageable, so copies to the GPU run about 8x slower"
+            )
         return t
 
     def _probe_gds(self) -> None:
@@ -463,7 +481,9 @@ class Runtime:
 
             f = gds.GdsFile(self.source.files[0], os.O_RDONLY)
             del f
-            reason = "GPUDirect Storage registered the store, but direct reads are not implemented in this version"
+            reason = (
+                "GPUDirect Storage registered the store, but direct reads are not implemented in this version"
+            )
         except Exception as e:  # noqa: BLE001 - any failure means no GDS here
             reason = f"GPUDirect Storage is unavailable ({type(e).__name__}: {e})"
         self._fallback(reason + "; falling back to pinned-memory CUDA copies")
@@ -473,7 +493,9 @@ class Runtime:
         cap = total_ram() // 2
         want = int(cfg.host_cache_gb * GiB) if cfg.host_cache_gb is not None else int(0.4 * available_ram())
         if want > cap:
-            self._fallback(f"host_cache_gb={want / GiB:.1f} exceeds the pinned-memory cap of half the RAM; using {cap / GiB:.1f} GiB")
+            self._fallback(
+                f"host_cache_gb={want / GiB:.1f} exceeds the pinned-memory cap of half the RAM; using {cap / GiB:.1f} GiB"
+            )
             want = cap
         room = want
         self.host_plan = set()
@@ -579,7 +601,15 @@ class Runtime:
         c.prefetch_hits += prefetched
         c.misses += load
         if self._debug:
-            log.debug("access %s: hit=%s prefetched=%s load=%s evict=%s prefetch=%s", self.units[i].name, hit, prefetched, load, evict, prefetch)
+            log.debug(
+                "access %s: hit=%s prefetched=%s load=%s evict=%s prefetch=%s",
+                self.units[i].name,
+                hit,
+                prefetched,
+                load,
+                evict,
+                prefetch,
+            )
         for v in evict:
             self._evict(v)
         if pressure:
@@ -834,4 +864,3 @@ class Runtime:
             "planner": ps,
             "engine": es,
         }
-

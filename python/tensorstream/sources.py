@@ -41,7 +41,9 @@ class StoreSource:
             if i is None:
                 from .errors import StoreMismatchError
 
-                raise StoreMismatchError(f"store {self.path} has no unit {u.name!r}; it was written for another model")
+                raise StoreMismatchError(
+                    f"store {self.path} has no unit {u.name!r}; it was written for another model"
+                )
             out.append(self.store.layout(i))
         return out
 

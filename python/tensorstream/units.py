@@ -107,7 +107,9 @@ def _select_by_names(model: nn.Module, names: Iterable[str]) -> list:
             # Outermost only: skip modules nested in another match.
             mods = [m for m in mods if not any(m is not o and any(m is x for x in o.modules()) for o in mods)]
         if not mods:
-            raise ConfigError(f"Config.units entry {spec!r} matches no module name or class name of {type(model).__name__}")
+            raise ConfigError(
+                f"Config.units entry {spec!r} matches no module name or class name of {type(model).__name__}"
+            )
         for m in mods:
             if id(m) not in seen:
                 seen.add(id(m))
@@ -221,7 +223,9 @@ def with_candidates(model: nn.Module, units: list) -> list:
     return allu
 
 
-def streamed_subset(model: nn.Module, units: list, candidates: list, budget: Optional[int], strategy: str, mode: str) -> list:
+def streamed_subset(
+    model: nn.Module, units: list, candidates: list, budget: Optional[int], strategy: str, mode: str
+) -> list:
     """The units to stream: `units`, plus as few candidates (largest first) as it takes for
     the modules left resident to fit the budget beside the streaming window."""
 
@@ -286,7 +290,13 @@ def write_store(
             writer.begin_unit(u.name)
             for p in u.params:
                 t = _cpu_contiguous(p.get().detach())
-                writer.add_tensor(p.store_name, TORCH_TO_ST[p.dtype], list(p.shape), t.data_ptr(), t.numel() * t.element_size())
+                writer.add_tensor(
+                    p.store_name,
+                    TORCH_TO_ST[p.dtype],
+                    list(p.shape),
+                    t.data_ptr(),
+                    t.numel() * t.element_size(),
+                )
             writer.end_unit()
         return writer.finish()
     except BaseException:

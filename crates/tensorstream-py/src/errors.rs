@@ -30,7 +30,14 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
     let cls = module.getattr(class_name(err))?;
     let attrs = PyDict::new(py);
     match err {
-        Error::Io { path, op, offset, len, unit, source } => {
+        Error::Io {
+            path,
+            op,
+            offset,
+            len,
+            unit,
+            source,
+        } => {
             attrs.set_item("path", path.to_string_lossy().to_string())?;
             attrs.set_item("op", *op)?;
             attrs.set_item("offset", *offset)?;
@@ -38,7 +45,14 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
             attrs.set_item("unit", unit.clone())?;
             attrs.set_item("os_errno", source.raw_os_error())?;
         }
-        Error::Checksum { path, unit, offset, len, expected, actual } => {
+        Error::Checksum {
+            path,
+            unit,
+            offset,
+            len,
+            expected,
+            actual,
+        } => {
             attrs.set_item("path", path.to_string_lossy().to_string())?;
             attrs.set_item("unit", unit.clone())?;
             attrs.set_item("offset", *offset)?;

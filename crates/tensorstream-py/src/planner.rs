@@ -11,7 +11,9 @@ fn strategy(s: &str) -> PyResult<Strategy> {
         "none" => Ok(Strategy::None),
         "next_layer" => Ok(Strategy::NextLayer),
         "adaptive" => Ok(Strategy::Adaptive),
-        _ => Err(PyValueError::new_err(format!("unknown strategy '{s}' (none, next_layer, adaptive)"))),
+        _ => Err(PyValueError::new_err(format!(
+            "unknown strategy '{s}' (none, next_layer, adaptive)"
+        ))),
     }
 }
 
@@ -20,7 +22,9 @@ fn mode(s: &str) -> PyResult<PressureMode> {
         "conservative" => Ok(PressureMode::Conservative),
         "balanced" => Ok(PressureMode::Balanced),
         "aggressive" => Ok(PressureMode::Aggressive),
-        _ => Err(PyValueError::new_err(format!("unknown mode '{s}' (conservative, balanced, aggressive)"))),
+        _ => Err(PyValueError::new_err(format!(
+            "unknown mode '{s}' (conservative, balanced, aggressive)"
+        ))),
     }
 }
 
@@ -37,14 +41,25 @@ type AccessTuple = (bool, bool, bool, Vec<u32>, Vec<u32>, u64);
 impl PyPlanner {
     #[new]
     fn new(sizes: Vec<u64>, budget: u64, strategy_name: &str, mode_name: &str) -> PyResult<Self> {
-        let cfg = PlannerConfig { budget, strategy: strategy(strategy_name)?, mode: mode(mode_name)? };
-        Ok(PyPlanner { inner: ResidencyPlanner::new(sizes, cfg).py()?, budget })
+        let cfg = PlannerConfig {
+            budget,
+            strategy: strategy(strategy_name)?,
+            mode: mode(mode_name)?,
+        };
+        Ok(PyPlanner {
+            inner: ResidencyPlanner::new(sizes, cfg).py()?,
+            budget,
+        })
     }
 
     /// Smallest budget that works for these sizes and settings.
     #[staticmethod]
     fn min_budget(sizes: Vec<u64>, strategy_name: &str, mode_name: &str) -> PyResult<u64> {
-        Ok(ResidencyPlanner::min_budget(&sizes, strategy(strategy_name)?, mode(mode_name)?))
+        Ok(ResidencyPlanner::min_budget(
+            &sizes,
+            strategy(strategy_name)?,
+            mode(mode_name)?,
+        ))
     }
 
     #[getter]
@@ -59,7 +74,14 @@ impl PyPlanner {
     /// (hit, prefetched, load, evict, prefetch, pressure_evicted_bytes)
     fn access(&mut self, unit: u32) -> PyResult<AccessTuple> {
         let a = self.inner.access(unit).py()?;
-        Ok((a.hit, a.prefetched, a.load, a.evict, a.prefetch, a.pressure_evicted_bytes))
+        Ok((
+            a.hit,
+            a.prefetched,
+            a.load,
+            a.evict,
+            a.prefetch,
+            a.pressure_evicted_bytes,
+        ))
     }
 
     /// Units to evict now that `unit` has run.
