@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_crash_safety import STORE, net, sample, temp_files, verify_store
+from zygote import Zygote
 
 import tensorstream as ts
 from tensorstream import _core
@@ -175,42 +174,9 @@ def _slow_offload(cmd: dict, model) -> dict:  # pragma: no cover
     return json.loads(data or b"{}") | {"pid": pid}
 
 
-class Zygote:
-    def __init__(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        self.p = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--zygote"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE),
-            env=env,
-        )
-        self.lock = threading.Lock()
-
-    def run(self, timeout: float = 120, **cmd) -> dict:
-        with self.lock:
-            self.p.stdin.write(json.dumps(cmd) + "\n")
-            self.p.stdin.flush()
-            ready, _, _ = select.select([self.p.stdout], [], [], timeout)
-            assert ready, f"zygote gave no answer within {timeout} s to {cmd}"
-            line = self.p.stdout.readline()
-            assert line, f"zygote died (rc {self.p.poll()})"
-            return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.p.stdin.write(json.dumps({"op": "exit"}) + "\n")
-            self.p.stdin.close()
-            self.p.wait(10)
-        except Exception:  # noqa: BLE001
-            self.p.kill()
-            self.p.wait()
-
-
 @pytest.fixture(scope="module")
 def zygote():
-    z = Zygote()
+    z = Zygote(Path(__file__).resolve())
     yield z
     z.close()
 

@@ -22,7 +22,6 @@ import errno
 import json
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from zygote import Zygote
 
 import tensorstream as ts
 from tensorstream import _core
@@ -156,40 +156,9 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the subprocess
         print(json.dumps(out), flush=True)
 
 
-class Zygote:
-    def __init__(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        self.p = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--zygote"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE),
-            env=env,
-        )
-
-    def run(self, timeout: float = 120, **cmd) -> dict:
-        self.p.stdin.write(json.dumps(cmd) + "\n")
-        self.p.stdin.flush()
-        ready, _, _ = select.select([self.p.stdout], [], [], timeout)
-        assert ready, f"zygote gave no answer within {timeout} s to {cmd}"
-        line = self.p.stdout.readline()
-        assert line, f"zygote died (rc {self.p.poll()})"
-        return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.p.stdin.write(json.dumps({"op": "exit"}) + "\n")
-            self.p.stdin.close()
-            self.p.wait(10)
-        except Exception:  # noqa: BLE001
-            self.p.kill()
-            self.p.wait()
-
-
 @pytest.fixture(scope="module")
 def zygote():
-    z = Zygote()
+    z = Zygote(Path(__file__).resolve())
     yield z
     z.close()
 
