@@ -23,6 +23,7 @@ from .errors import (
 from .hf import convert, from_pretrained
 from .offload import offload, runtime_of
 from .runtime import MemoryPressureEvent, set_memory_pressure_callback
+from .units import resident_bytes
 
 __version__ = _core.__version__
 
@@ -36,13 +37,7 @@ def get_model_statistics(model: nn.Module) -> dict:
 def estimate_model_memory(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (shared tensors counted once), whether or
     not it is offloaded."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
+    return resident_bytes(model, [])
 
 
 __all__ = [
