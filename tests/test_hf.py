@@ -94,10 +94,6 @@ def _run(model, ids):
     return logits, tokens
 
 
-def _tight_config(path, model_bytes_hint: int = 0, **kw) -> ts.Config:
-    return ts.Config(path, vram_budget_gb=kw.pop("vram_budget_gb", 0.004), **kw)
-
-
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_from_pretrained_streams_sharded_checkpoint_bit_identical(tmp_path, kind):
     ck = _checkpoint(tmp_path, kind)

@@ -16,7 +16,7 @@ from .config import Config
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
-from .units import ST_TO_TORCH, TORCH_TO_ST, analyse, streamed_subset, with_candidates
+from .units import TORCH_TO_ST, analyse, streamed_subset, with_candidates
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -101,7 +101,7 @@ def _map_units_to_checkpoint(model, units, available) -> None:
             p.store_name = ck
 
 
-def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set, dtype_of) -> None:
+def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set) -> None:
     """Materialise every parameter and buffer that is not streamed, from the checkpoint."""
     from safetensors import safe_open
 
@@ -176,7 +176,7 @@ def from_pretrained(
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
     streamed = {id(p.get()) for u in units for p in u.params}
-    _load_resident(model, ckpt, streamed, None)
+    _load_resident(model, ckpt, streamed)
     # Streamed parameters leave the meta device for placeholders of their final shape.
     for u in units:
         for p in u.params:
@@ -313,4 +313,4 @@ def convert(
     return result
 
 
-__all__ = ["from_pretrained", "convert", "resolve_checkpoint", "ST_TO_TORCH"]
+__all__ = ["from_pretrained", "convert", "resolve_checkpoint"]

@@ -76,15 +76,10 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """A uint8 CPU tensor of `nbytes` whose data starts on a 4 KiB boundary (for O_DIRECT)."""
-    if pin:
-        # cudaHostAlloc returns page-aligned memory.
-        t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        if t.data_ptr() % PAGE == 0:
-            return t
-        del t
-    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=pin)
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of `nbytes` whose data starts on a 4 KiB boundary (for O_DIRECT).
+    Pinned buffers come from `pinned_empty`."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
     off = (-raw.data_ptr()) % PAGE
     return raw[off : off + nbytes]
 

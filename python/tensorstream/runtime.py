@@ -111,7 +111,7 @@ class SlotPool:
     """Buffers for units, reused by size. Tracks every byte it has allocated, idle or not,
     and never holds more than `limit`."""
 
-    def __init__(self, device: torch.device, limit: int, pinned: bool = False):
+    def __init__(self, device: torch.device, limit: int):
         self.device = device
         self.limit = limit
         self.idle: dict = defaultdict(list)
@@ -358,15 +358,12 @@ class Runtime:
                     k += src.numel()
             p.get().data = flat.view(shape)
 
-    def _resident_module_bytes(self) -> int:
-        return resident_bytes(self.model, self.units)
-
     def _budget_plan(self) -> tuple:
-        """(budget, resident module bytes, default engine backend, mode) for the current
-        device; raises BudgetError, with the numbers, if the budget cannot work."""
+        """(budget, resident module bytes) for the current device; raises BudgetError, with the
+        numbers, if the budget cannot work."""
         cfg = self.config
         dev = self.device
-        resident = self._resident_module_bytes()
+        resident = resident_bytes(self.model, self.units)
         if dev.type == "cuda":
             default_budget = int(torch.cuda.mem_get_info(dev)[0] * 0.8)
         elif dev.type == "cpu":
