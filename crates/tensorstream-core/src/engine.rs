@@ -520,19 +520,7 @@ impl Engine {
             }
             removed
         };
-        let mut st = t.state.lock().expect("ticket poisoned");
-        if st.finished {
-            return;
-        }
-        if st.error.is_none() {
-            st.error = Some(Error::Cancelled {
-                unit: t.unit.clone(),
-            });
-        }
-        st.remaining -= removed;
-        if st.remaining == 0 {
-            finish(&self.shared, t, &mut st);
-        }
+        drop_queued(&self.shared, t, removed);
     }
 
     /// A snapshot of the counters.
@@ -562,6 +550,24 @@ fn outcome(st: &TicketState) -> Result<()> {
     match &st.error {
         None => Ok(()),
         Some(e) => Err(e.duplicate()),
+    }
+}
+
+/// Count `n` jobs of `t`, taken off the queues, as done without running them: the ticket
+/// fails as cancelled (unless it already failed) and finishes once nothing is left.
+fn drop_queued(shared: &Shared, t: &TicketInner, n: usize) {
+    let mut st = t.state.lock().expect("ticket poisoned");
+    if st.finished {
+        return;
+    }
+    if st.error.is_none() {
+        st.error = Some(Error::Cancelled {
+            unit: t.unit.clone(),
+        });
+    }
+    st.remaining -= n;
+    if st.remaining == 0 {
+        finish(shared, t, &mut st);
     }
 }
 
@@ -787,17 +793,7 @@ impl Drop for Engine {
         };
         self.shared.work.notify_all();
         for job in pending {
-            let t = &job.ticket;
-            let mut st = t.state.lock().expect("ticket poisoned");
-            if st.error.is_none() {
-                st.error = Some(Error::Cancelled {
-                    unit: t.unit.clone(),
-                });
-            }
-            st.remaining -= 1;
-            if st.remaining == 0 && !st.finished {
-                finish(&self.shared, t, &mut st);
-            }
+            drop_queued(&self.shared, &job.ticket, 1);
         }
         let extra = std::mem::take(&mut *self.decode_workers.lock().expect("workers poisoned"));
         for w in self.workers.drain(..).chain(extra) {
