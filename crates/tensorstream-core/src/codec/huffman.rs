@@ -11,6 +11,11 @@
 /// Longest code, in bits; the decoding table has `1 << MAX_LEN` entries.
 pub const MAX_LEN: u32 = 11;
 const TABLE: usize = 1 << MAX_LEN;
+/// Bits of input each multi-symbol lookup sees (see [`MultiTable`]): wider than the longest
+/// code, so that mid-length codes (fp16's high byte averages about 5.5 bits) still decode
+/// two per lookup. At most 14, for four lookups between refills of at least 56 bits.
+const WIN: u32 = 12;
+const WTABLE: usize = 1 << WIN;
 const STREAMS: usize = 4;
 /// Bytes before the streams.
 pub const HEADER: usize = 128 + 4 * STREAMS;
@@ -136,31 +141,31 @@ pub fn encode(plane: &[u8], lens: &[u8; 256], out: &mut Vec<u8>) {
 /// [`INVALID`] with length [`MAX_LEN`] (decoding goes on, and the error is reported after).
 pub struct Table([u16; TABLE]);
 
-/// A multi-symbol decoding table: for each [`MAX_LEN`]-bit window, the up to four symbols
-/// whose codes fit in it whole: symbols in bits 0..32 (first in the low byte), their count
-/// in bits 32..35, their total code length in bits 40..44. Short codes (2 to 4 bits for the
+/// A multi-symbol decoding table: for each [`WIN`]-bit window, the up to four symbols
+/// whose codes fit in it whole: symbols in bits 0..32 (first in the low byte), their total
+/// code length in bits 32..38, their count in bits 56..59. Short codes (2 to 4 bits for the
 /// common exponents) so decode three or four symbols per lookup.
 struct MultiTable(Vec<u64>);
 
 impl MultiTable {
     fn build(t: &Table) -> MultiTable {
-        let mut m = vec![0u64; TABLE];
+        let mut m = vec![0u64; WTABLE];
         for (w, slot) in m.iter_mut().enumerate() {
             let (mut syms, mut count, mut used) = (0u64, 0u32, 0u32);
             while count < 4 {
                 // The next code starts `used` bits into the window; its bits past the
                 // window are unknown, so it counts only if it ends inside.
-                let rest = (w << used) & (TABLE - 1);
-                let e = t.0[rest];
+                let rest = (w << used) & (WTABLE - 1);
+                let e = t.0[rest >> (WIN - MAX_LEN)];
                 let len = (e & 15) as u32;
-                if (count > 0 && e & INVALID != 0) || used + len > MAX_LEN {
+                if (count > 0 && e & INVALID != 0) || used + len > WIN {
                     break;
                 }
                 syms |= ((e >> 8) as u64) << (8 * count);
                 count += 1;
                 used += len;
             }
-            *slot = syms | (count as u64) << 32 | (used as u64) << 40;
+            *slot = syms | (used as u64) << 32 | (count as u64) << 56;
         }
         MultiTable(m)
     }
@@ -268,80 +273,120 @@ impl<'a> Reader<'a> {
 /// bytes of output left. `state` is each stream's (byte position, bit buffer, valid bits),
 /// updated; `done` the symbols decoded in each stream so far, updated.
 ///
-/// Per lookup this is a load, a 4-byte store and two shifts: the count of valid bits is
+/// Per lookup this is a load, a 4-byte store and a few shifts: the count of valid bits is
 /// kept as a sentinel 1 bit just below them (read back with one trailing-zero count at each
-/// refill), and patterns that are no code decode as garbage of [`MAX_LEN`] bits, which the
-/// unit checksum catches, so nothing else is tracked per symbol.
+/// refill), patterns that are no code decode as garbage of [`MAX_LEN`] bits, which the unit
+/// checksum catches, and the bounds are checked once per batch of rounds, not per symbol.
 #[inline(always)]
 fn fast_loop_body(
     m: &[u64],
     data: [&[u8]; STREAMS],
     state: &mut [(usize, u64, u32); STREAMS],
-    outs: [&mut [u8]; STREAMS],
+    mut outs: [&mut [u8]; STREAMS],
     done: &mut [usize; STREAMS],
 ) {
     if state.iter().any(|&(_, _, n)| n > 63) {
         return;
     }
-    let m: &[u64; TABLE] = m.try_into().expect("table size");
-    let [d0, d1, d2, d3] = data;
-    let [o0, o1, o2, o3] = outs;
+    let m: &[u64; WTABLE] = m.try_into().expect("table size");
     // Valid bits, then the sentinel, then zeros.
-    let mark = |(p, b, n): (usize, u64, u32)| (p, (b & !(u64::MAX >> n)) | (1u64 << (63 - n)));
-    let (mut p0, mut b0) = mark(state[0]);
-    let (mut p1, mut b1) = mark(state[1]);
-    let (mut p2, mut b2) = mark(state[2]);
-    let (mut p3, mut b3) = mark(state[3]);
-    let [mut w0, mut w1, mut w2, mut w3] = *done;
+    let mut bufs = state.map(|(_, b, n)| (b & !(u64::MAX >> n)) | (1u64 << (63 - n)));
+    let mut pos = state.map(|(p, _, _)| p);
+    loop {
+        // Rounds every stream can run unchecked: a round reads the 8 bytes at its position
+        // and moves it by at most 7, and writes at most 16 bytes (4 lookups x 4 symbols).
+        let rounds = (0..STREAMS)
+            .map(|k| {
+                let input = data[k].len().saturating_sub(pos[k] + 8) / 7;
+                let output = outs[k].len().saturating_sub(done[k]) / 16;
+                input.min(output)
+            })
+            .min()
+            .unwrap_or(0);
+        if rounds == 0 {
+            break;
+        }
+        let ins: [*const u8; STREAMS] = std::array::from_fn(|k| data[k][pos[k]..].as_ptr());
+        let starts: [*mut u8; STREAMS] = std::array::from_fn(|k| outs[k][done[k]..].as_mut_ptr());
+        // SAFETY: for each stream, `rounds` rounds read at most 7 * (rounds - 1) + 8 <=
+        // len - pos bytes from `ins[k]` and write at most 16 * rounds <= len - done bytes
+        // from `starts[k]` (computed just above); the table has WTABLE entries and every
+        // index is a WIN-bit value.
+        let (ends_in, ends_out) = unsafe { rounds_unchecked(m, ins, &mut bufs, starts, rounds) };
+        for k in 0..STREAMS {
+            // SAFETY: each pair of pointers is into one slice, the end not before the
+            // start (the rounds only move them forward, within the bounds above).
+            pos[k] += unsafe { ends_in[k].offset_from_unsigned(ins[k]) };
+            // SAFETY: as above.
+            done[k] += unsafe { ends_out[k].offset_from_unsigned(starts[k]) };
+        }
+    }
+    for k in 0..STREAMS {
+        let z = bufs[k].trailing_zeros();
+        state[k] = (pos[k], bufs[k] & !(1u64 << z), 63 - z);
+    }
+}
+
+/// `rounds` rounds of four lookups per stream then a refill, without bounds checks.
+/// Returns each stream's input and output pointers after them; `bufs` are updated.
+///
+/// # Safety
+/// Each `ins[k]` must have `7 * (rounds - 1) + 8` readable bytes and each `outs[k]`
+/// `16 * rounds` writable bytes; `bufs` must hold at least 56 valid bits each, sentinel form.
+#[inline(always)]
+unsafe fn rounds_unchecked(
+    m: &[u64; WTABLE],
+    ins: [*const u8; STREAMS],
+    bufs: &mut [u64; STREAMS],
+    outs: [*mut u8; STREAMS],
+    rounds: usize,
+) -> ([*const u8; STREAMS], [*mut u8; STREAMS]) {
+    let [mut p0, mut p1, mut p2, mut p3] = ins;
+    let [mut o0, mut o1, mut o2, mut o3] = outs;
+    let [mut b0, mut b1, mut b2, mut b3] = *bufs;
     macro_rules! sym {
-        ($b:ident, $o:ident, $w:ident) => {{
-            let e = m[($b >> (64 - MAX_LEN)) as usize];
-            $o[$w..$w + 4].copy_from_slice(&(e as u32).to_le_bytes());
-            $w += ((e >> 32) & 7) as usize;
-            $b <<= ((e >> 40) & 15) as u32;
+        ($b:ident, $o:ident) => {{
+            // A WIN-bit index: in bounds, and the compiler sees it.
+            let e = m[($b >> (64 - WIN)) as usize];
+            // SAFETY: the caller guarantees 16 writable bytes per round; a round writes at
+            // most 4 lookups x 4 symbols, each store 4 bytes at most 12 bytes in.
+            unsafe {
+                ($o as *mut u32).write_unaligned((e as u32).to_le());
+                $o = $o.add((e >> 56) as usize);
+            }
+            // The length sits in bits 32..38; the shift takes its count modulo 64, so
+            // the count above it needs no masking.
+            $b = $b.wrapping_shl((e >> 32) as u32);
         }};
     }
     macro_rules! refill {
-        ($d:ident, $p:ident, $b:ident) => {{
-            let n = 63 - $b.trailing_zeros();
-            let v = u64::from_be_bytes($d[$p..$p + 8].try_into().expect("8 bytes"));
-            let k = (63 - n) >> 3;
-            $p += k as usize;
-            let n2 = n + (k << 3);
-            $b = (($b & !(u64::MAX >> n)) | (v >> n)) & !(u64::MAX >> n2) | (1u64 << (63 - n2));
+        ($p:ident, $b:ident) => {{
+            // `z` zero bits below the sentinel: 63 - z valid bits. Append the next word
+            // after them and keep whole bytes of it: 63 - (z & 7) valid bits.
+            let z = $b.trailing_zeros();
+            // SAFETY: the caller guarantees 8 readable bytes at each round's position.
+            let v = u64::from_be_bytes(unsafe { ($p as *const [u8; 8]).read_unaligned() });
+            let x = ($b & $b.wrapping_sub(1)) | (v >> (z ^ 63));
+            let s = z & 7;
+            $b = ((x >> s) | 1) << s;
+            // SAFETY: z >> 3 <= 7, within the bytes the caller guarantees.
+            $p = unsafe { $p.add((z >> 3) as usize) };
         }};
     }
-    while p0 + 8 <= d0.len()
-        && p1 + 8 <= d1.len()
-        && p2 + 8 <= d2.len()
-        && p3 + 8 <= d3.len()
-        && w0 + 16 <= o0.len()
-        && w1 + 16 <= o1.len()
-        && w2 + 16 <= o2.len()
-        && w3 + 16 <= o3.len()
-    {
+    for _ in 0..rounds {
         for _ in 0..4 {
-            sym!(b0, o0, w0);
-            sym!(b1, o1, w1);
-            sym!(b2, o2, w2);
-            sym!(b3, o3, w3);
+            sym!(b0, o0);
+            sym!(b1, o1);
+            sym!(b2, o2);
+            sym!(b3, o3);
         }
-        refill!(d0, p0, b0);
-        refill!(d1, p1, b1);
-        refill!(d2, p2, b2);
-        refill!(d3, p3, b3);
+        refill!(p0, b0);
+        refill!(p1, b1);
+        refill!(p2, b2);
+        refill!(p3, b3);
     }
-    let unmark = |p: usize, b: u64| {
-        let z = b.trailing_zeros();
-        (p, b & !(1u64 << z), 63 - z)
-    };
-    *state = [
-        unmark(p0, b0),
-        unmark(p1, b1),
-        unmark(p2, b2),
-        unmark(p3, b3),
-    ];
-    *done = [w0, w1, w2, w3];
+    *bufs = [b0, b1, b2, b3];
+    ([p0, p1, p2, p3], [o0, o1, o2, o3])
 }
 
 /// [`fast_loop_body`] compiled for BMI2, whose shifts take their count in any register:
