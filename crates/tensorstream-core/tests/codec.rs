@@ -10,7 +10,7 @@ use proptest::test_runner::TestCaseError;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use tensorstream_core::codec::{
-    decode_all, encode_all, huffman, ChunkMode, Decoder, Encoder, PlaneCoder, CODEC_CHUNK,
+    decode_all, encode_all, huffman, split, ChunkMode, Decoder, Encoder, PlaneCoder, CODEC_CHUNK,
 };
 use tensorstream_core::io::AlignedBuf;
 use tensorstream_core::store::{DType, Store, StoreWriter};
@@ -377,6 +377,25 @@ fn random_normal_bf16_compresses_by_more_than_a_third() {
     assert!(ratio > 1.33, "ratio {ratio:.3}");
 }
 
+/// Random-normal fp16 weights take the split coder for their high byte (top six bits
+/// Huffman-coded, low two bits packed), at nearly the byte-wise ratio.
+#[test]
+fn random_normal_fp16_codes_its_high_plane_split() {
+    let data = tensor_bytes(DType::F16, Pattern::Normal, CODEC_CHUNK as usize, 6);
+    let coded = encode_all(&data, 2, 3).unwrap();
+    for (mode, stored) in &coded {
+        assert_eq!(*mode, ChunkMode::Grouped { width: 2 });
+        assert_eq!(stored[0], PlaneCoder::Raw as u8, "low plane: mantissa bits");
+        assert_eq!(stored[5], PlaneCoder::Split as u8, "high plane");
+    }
+    let stored: usize = coded.iter().map(|c| c.1.len()).sum();
+    let ratio = data.len() as f64 / stored as f64;
+    assert!(ratio > 1.15, "ratio {ratio:.3}");
+    let mut back = vec![0u8; data.len()];
+    decode_all(&coded, &mut back).unwrap();
+    assert_eq!(back, data);
+}
+
 // ---------------------------------------------------------------------------------------
 // Corruption
 // ---------------------------------------------------------------------------------------
@@ -387,6 +406,8 @@ fn corruption_units() -> Vec<UnitData> {
             name: "victim".into(),
             tensors: vec![
                 tensor("w", DType::BF16, Pattern::Normal, 2_200_001, 7),
+                // Chunks whose high plane is coded split.
+                tensor("h", DType::F16, Pattern::Normal, 2_200_001, 10),
                 tensor("s", DType::F32, Pattern::Special, 1001, 8),
             ],
         },
@@ -809,7 +830,7 @@ fn decoder_survives_garbage_planes_behind_valid_headers() {
         .run(
             &(
                 prop_oneof![Just(1usize), Just(2), Just(4)],
-                prop::collection::vec((0u8..4, prop::collection::vec(any::<u8>(), 0..400)), 4),
+                prop::collection::vec((0u8..5, prop::collection::vec(any::<u8>(), 0..400)), 4),
                 1usize..3000,
                 any::<u64>(),
             ),
@@ -820,26 +841,38 @@ fn decoder_survives_garbage_planes_behind_valid_headers() {
                     stored.push(*tag);
                     stored.extend_from_slice(&(payload.len() as u32).to_le_bytes());
                 }
+                // Plausible code lengths and stream lengths, so decoding gets past the table.
+                let plausible_huffman = |p: &mut [u8]| {
+                    for (i, b) in p[..128].iter_mut().enumerate() {
+                        *b = if i < 4 {
+                            ((seed >> (8 * i)) as u8 & 0x33) | 0x22
+                        } else {
+                            0
+                        };
+                    }
+                    let n = (p.len() - huffman::HEADER) / 4;
+                    for s in 0..4 {
+                        let l = if s == 3 {
+                            p.len() - huffman::HEADER - 3 * n
+                        } else {
+                            n
+                        };
+                        p[128 + 4 * s..132 + 4 * s].copy_from_slice(&(l as u32).to_le_bytes());
+                    }
+                };
+                let m = raw_len / width;
                 for (tag, payload) in planes.iter().take(width) {
                     let mut p = payload.clone();
                     if *tag == PlaneCoder::Huffman as u8 && p.len() >= huffman::HEADER {
-                        // Plausible code lengths, so decoding gets past the table.
-                        for (i, b) in p[..128].iter_mut().enumerate() {
-                            *b = if i < 4 {
-                                ((seed >> (8 * i)) as u8 & 0x33) | 0x22
-                            } else {
-                                0
-                            };
-                        }
-                        let n = (p.len() - huffman::HEADER) / 4;
-                        for s in 0..4 {
-                            let l = if s == 3 {
-                                p.len() - huffman::HEADER - 3 * n
-                            } else {
-                                n
-                            };
-                            p[128 + 4 * s..132 + 4 * s].copy_from_slice(&(l as u32).to_le_bytes());
-                        }
+                        plausible_huffman(&mut p);
+                    }
+                    // A split plane: a Huffman part as long as its header says, then the
+                    // packed low bits at their right length when the payload allows.
+                    let packed = split::packed_len(m);
+                    if *tag == PlaneCoder::Split as u8 && p.len() >= 4 + huffman::HEADER + packed {
+                        let l = p.len() - 4 - packed;
+                        p[..4].copy_from_slice(&(l as u32).to_le_bytes());
+                        plausible_huffman(&mut p[4..4 + l]);
                     }
                     stored.extend_from_slice(&p);
                 }
