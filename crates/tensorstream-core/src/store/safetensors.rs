@@ -244,11 +244,31 @@ impl SafetensorsView {
 
 /// Open a file only if it is a regular file: a FIFO or device would block or never end.
 pub(crate) fn open_regular(path: &Path, kind: &'static str) -> Result<File> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", 0, 0, e))?;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened non-blocking, so that a FIFO or a device does not hang the open, and the
+    // handle checked, not the path: nothing can be swapped in between check and use.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, "open", 0, 0, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", 0, 0, e))?;
     if !meta.is_file() {
         return Err(Error::format(kind, path, "not a regular file"));
     }
-    File::open(path).map_err(|e| Error::io(path, "open", 0, 0, e))
+    // Regular files ignore O_NONBLOCK; clear it anyway, so the handle is an ordinary one.
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns, with flags it read just before.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
 }
 
 /// Resolve a shard name from an index, refusing anything that leads outside `root`.
