@@ -81,6 +81,41 @@ def tiny_gpt2(seed: int = 0, layers: int = 4, dtype: torch.dtype = torch.float32
     return _build(GPT2LMHeadModel, cfg, seed, dtype)
 
 
+def tiny_qwen2(
+    tied: bool = False, seed: int = 0, layers: int = 3, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A tiny Qwen2 (Mistral-like attention with biases; hidden 64, vocab 256), in eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    return _build(Qwen2ForCausalLM, cfg, seed, dtype)
+
+
+def tiny_mixtral(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A tiny Mixtral (4 experts, 2 per token; hidden 64, vocab 256), in eval mode."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return _build(MixtralForCausalLM, cfg, seed, dtype)
+
+
 def _build(cls, cfg, seed: int, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(seed)
     old = torch.get_default_dtype()

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_gpt2, tiny_llama, tiny_mixtral, tiny_qwen2
 
 import tensorstream as ts
 from tensorstream.errors import InvalidArgumentError
@@ -14,66 +15,19 @@ from tensorstream.errors import InvalidArgumentError
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(tied: bool):
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _qwen2(tied: bool = False):
-    cfg = transformers.Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
-def _gpt2(tied: bool = True):
-    cfg = transformers.GPT2Config(
-        vocab_size=256, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _mixtral(tied: bool = False):
-    cfg = transformers.MixtralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    return transformers.MixtralForCausalLM(cfg)
-
-
+# Each builds the model from a config with weights seeded by `seed` (3 layers, 2 for
+# Mixtral, hidden 64, vocab 256).
 BUILDERS = {
-    "llama-tied": (_llama, True),
-    "llama": (_llama, False),
-    "qwen2": (_qwen2, False),
-    "gpt2": (_gpt2, True),
-    "mixtral": (_mixtral, False),
+    "llama-tied": lambda seed: tiny_llama(tied=True, seed=seed, layers=3),
+    "llama": lambda seed: tiny_llama(tied=False, seed=seed, layers=3),
+    "qwen2": lambda seed: tiny_qwen2(seed=seed),
+    "gpt2": lambda seed: tiny_gpt2(seed=seed, layers=3),
+    "mixtral": lambda seed: tiny_mixtral(seed=seed),
 }
 
 
 def _checkpoint(tmp_path, kind: str, seed: int = 0) -> str:
-    build, tied = BUILDERS[kind]
-    torch.manual_seed(seed)
-    model = build(tied).eval()
+    model = BUILDERS[kind](seed)
     path = tmp_path / f"ckpt-{kind}"
     model.save_pretrained(path, max_shard_size="150KB")
     return str(path)
