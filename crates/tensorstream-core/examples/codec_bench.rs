@@ -2,10 +2,11 @@
 //! `cargo run --release -p tensorstream-core --example codec_bench -- [MIB (64)]`.
 //!
 //! Prints, per dtype: ratio, whole-chunk decode GB/s (raw bytes out), and the time split
-//! between decoding the coded planes and interleaving them.
+//! between decoding the entropy-coded planes and the rest (interleaving the planes, and
+//! joining split planes' low bits).
 
 use std::time::Instant;
-use tensorstream_core::codec::{self, huffman, ChunkMode, Decoder};
+use tensorstream_core::codec::{self, huffman, split, ChunkMode, Decoder, PlaneCoder};
 
 fn normals(n: usize, seed: u64) -> Vec<f32> {
     let mut x = seed | 1;
@@ -75,7 +76,7 @@ fn main() {
             best = best.min(t.elapsed().as_secs_f64());
         }
         assert!(out == raw, "{name}: round trip differs");
-        // Huffman planes alone.
+        // The entropy-coded planes alone (Huffman, and the Huffman part of split planes).
         let mut huff_s = f64::MAX;
         let mut plane_out = vec![0u8; codec::CODEC_CHUNK as usize];
         for _ in 0..20 {
@@ -91,8 +92,11 @@ fn main() {
                     let tag = s[5 * k];
                     let len =
                         u32::from_le_bytes(s[5 * k + 1..5 * k + 5].try_into().unwrap()) as usize;
-                    if tag == 2 {
-                        huffman::decode(&s[pos..pos + len], &mut plane_out[..plane_len]).unwrap();
+                    let (payload, out) = (&s[pos..pos + len], &mut plane_out[..plane_len]);
+                    if tag == PlaneCoder::Huffman as u8 {
+                        huffman::decode(payload, out).unwrap();
+                    } else if tag == PlaneCoder::Split as u8 {
+                        split::decode_high(payload, out).unwrap();
                     }
                     pos += len;
                 }
@@ -101,7 +105,7 @@ fn main() {
         }
         let gb = raw.len() as f64 / 1e9;
         println!(
-            "{name:9} ratio {:.3}  decode {:.2} GB/s ({:.1} ms)  huffman planes {:.1} ms  rest {:.1} ms",
+            "{name:9} ratio {:.3}  decode {:.2} GB/s ({:.1} ms)  entropy-coded planes {:.1} ms  rest {:.1} ms",
             raw.len() as f64 / stored as f64,
             gb / best,
             best * 1e3,

@@ -12,8 +12,9 @@
 //! - each plane is coded with whichever is smallest, preferring the fastest to decode:
 //!   a canonical Huffman code ([`huffman`]: order-0 entropy, decoded at several GB/s), the
 //!   same of the plane's top six bits with its low two bits packed apart ([`split`]: for
-//!   fp16's high byte, as small and faster to decode), a zstd frame at the writer's level (planes with repeats: zeros, sparse or integer data),
-//!   or nothing (mantissa planes are incompressible);
+//!   fp16's high byte, as small and faster to decode), a zstd frame at the writer's level
+//!   (planes with repeats: zeros, sparse or integer data), or nothing (mantissa planes are
+//!   incompressible);
 //! - a chunk whose coded form is not below 0.95 of its raw size is stored raw.
 //!
 //! Grouping is a permutation of the chunk's bytes, reversible whatever the data: the width
@@ -294,12 +295,14 @@ fn code_plane(
     if z < n && (z as f64) < 0.9 * huff as f64 {
         out.extend_from_slice(&zbuf[..z]);
         Ok(PlaneCoder::Zstd)
-    } else if (huff as f64) < HUFFMAN_KEEP * n as f64 && use_split {
-        split::encode(plane, &lens6, out);
-        Ok(PlaneCoder::Split)
     } else if (huff as f64) < HUFFMAN_KEEP * n as f64 {
-        huffman::encode(plane, &lens, out);
-        Ok(PlaneCoder::Huffman)
+        if use_split {
+            split::encode(plane, &lens6, out);
+            Ok(PlaneCoder::Split)
+        } else {
+            huffman::encode(plane, &lens, out);
+            Ok(PlaneCoder::Huffman)
+        }
     } else {
         out.extend_from_slice(plane);
         Ok(PlaneCoder::Raw)
@@ -386,56 +389,58 @@ impl Decoder {
         if self.planes.len() < plane_len * width {
             self.planes.resize(plane_len * width, 0);
         }
-        // fp16-like chunks: the high plane split. Its six-bit values decode into the
-        // scratch, and are joined with their low bits while interleaving, in one pass.
-        if width == 2 && planes_meta[1].0 == PlaneCoder::Split as u8 {
-            let (c0, l0) = planes_meta[0];
-            let (stored0, stored1) = stored[head..].split_at(l0);
-            let (scratch0, scratch1) = self.planes[..2 * plane_len].split_at_mut(plane_len);
-            let low: &[u8] = if c0 == PlaneCoder::Raw as u8 {
-                if l0 != plane_len {
-                    return Err(format!("raw plane 0 of {l0} bytes, expected {plane_len}"));
-                }
-                stored0
-            } else {
-                decode_plane(&mut self.dctx, c0, stored0, scratch0, 0)?;
-                scratch0
-            };
-            let l1 = planes_meta[1].1;
-            let packed = split::decode_high(&stored1[..l1], scratch1)
-                .map_err(|e| format!("plane 1: {e}"))?;
-            split::interleave_low_high(low, scratch1, packed, grouped);
-            rest.copy_from_slice(&stored[head + l0 + l1..head + l0 + l1 + tail]);
-            return Ok(());
-        }
-        // Coded planes decode into the scratch; raw ones are interleaved straight from the
-        // stored bytes, without a copy.
+        // A scratch plane for each stored plane; only those that need decoding use it: raw
+        // planes are interleaved straight from the stored bytes, without a copy.
+        let mut scratch = self.planes[..plane_len * width].chunks_mut(plane_len.max(1));
+        let mut slices: [&[u8]; 8] = [&[]; 8];
         let mut pos = head;
         for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
-            if coder != PlaneCoder::Raw as u8 {
-                let out = &mut self.planes[k * plane_len..(k + 1) * plane_len];
-                decode_plane(&mut self.dctx, coder, &stored[pos..pos + len], out, k)?;
-            } else if len != plane_len {
-                return Err(format!(
-                    "raw plane {k} of {len} bytes, expected {plane_len}"
-                ));
-            }
+            let payload = &stored[pos..pos + len];
             pos += len;
-        }
-        let mut slices: [&[u8]; 8] = [&[]; 8];
-        let mut at = head;
-        for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
-            slices[k] = if coder == PlaneCoder::Raw as u8 {
-                &stored[at..at + len]
-            } else {
-                &self.planes[k * plane_len..(k + 1) * plane_len]
-            };
-            at += len;
+            let out = scratch.next().unwrap_or_default();
+            if width == 2 && k == 1 && coder == PlaneCoder::Split as u8 {
+                // fp16-like chunks: the high plane's six-bit values decode into the scratch
+                // and are joined with their low bits while interleaving, in one pass.
+                let packed =
+                    split::decode_high(payload, out).map_err(|e| format!("plane 1: {e}"))?;
+                split::interleave_low_high(slices[0], out, packed, grouped);
+                rest.copy_from_slice(&stored[pos..pos + tail]);
+                return Ok(());
+            }
+            slices[k] = plane_bytes(&mut self.dctx, coder, payload, out, k)?;
         }
         interleave(&slices[..width], grouped);
         rest.copy_from_slice(&stored[pos..pos + tail]);
         Ok(())
     }
+}
+
+/// A plane's bytes: a raw plane's are the stored bytes themselves (their length checked),
+/// any other plane is decoded into `scratch` (the plane's length).
+fn plane_bytes<'a>(
+    dctx: &mut zstd::bulk::Decompressor<'static>,
+    coder: u8,
+    payload: &'a [u8],
+    scratch: &'a mut [u8],
+    k: usize,
+) -> std::result::Result<&'a [u8], String> {
+    if coder == PlaneCoder::Raw as u8 {
+        check_raw_plane(payload, scratch.len(), k)?;
+        return Ok(payload);
+    }
+    decode_plane(dctx, coder, payload, scratch, k)?;
+    Ok(scratch)
+}
+
+/// A raw plane's payload must be the plane itself.
+fn check_raw_plane(payload: &[u8], plane_len: usize, k: usize) -> std::result::Result<(), String> {
+    if payload.len() != plane_len {
+        return Err(format!(
+            "raw plane {k} of {} bytes, expected {plane_len}",
+            payload.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Decode one plane payload with its coder into `out` (the plane's length).
@@ -448,13 +453,7 @@ fn decode_plane(
 ) -> std::result::Result<(), String> {
     match coder {
         c if c == PlaneCoder::Raw as u8 => {
-            if payload.len() != out.len() {
-                return Err(format!(
-                    "raw plane {k} of {} bytes, expected {}",
-                    payload.len(),
-                    out.len()
-                ));
-            }
+            check_raw_plane(payload, out.len(), k)?;
             out.copy_from_slice(payload);
         }
         c if c == PlaneCoder::Zstd as u8 => {
