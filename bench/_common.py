@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -107,3 +108,23 @@ def git_rev() -> str:
         ).strip()
     except Exception:
         return "unknown"
+
+
+# A benchmark runs each setting in a child process of its own; the child reports its result
+# as one JSON line on stdout, starting with this.
+RESULT = "RESULT "
+
+
+def report_result(res: dict) -> None:
+    """In a child: report `res` to the parent's `run_child`."""
+    print(RESULT + json.dumps(res), flush=True)
+
+
+def run_child(cmd: list, what: str) -> dict:
+    """Run a child benchmark process (its stderr passes through) and return the result it
+    reported last with `report_result`; exits naming `what` if the child failed."""
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if p.returncode:
+        raise SystemExit(f"{what} failed ({p.returncode})")
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT)]
+    return json.loads(lines[-1][len(RESULT) :])

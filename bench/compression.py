@@ -22,10 +22,9 @@ Prints one markdown table. Usage: python bench/compression.py [--level 3] [--gb 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -63,8 +62,8 @@ def codec_rows(gb: float, level: int) -> list:
                 res["ratio"] = nbytes / r["stored_bytes"]
                 res["coded"] = f"{r['coded_chunks']}/{r['chunks']}"
                 for k in (1, 2):
-                    secs = sorted(s for n, s in r["decode_seconds"] if n == k)
-                    res[f"dec{k}"] = nbytes / secs[len(secs) // 2] / 1e9
+                    secs = [s for n, s in r["decode_seconds"] if n == k]
+                    res[f"dec{k}"] = nbytes / statistics.median_high(secs) / 1e9
         rows.append(
             [
                 str(dtype).split(".")[-1],
@@ -87,7 +86,7 @@ def child(args) -> None:
     import copy
 
     import torch
-    from _common import build_llama, drop_caches, llama_config
+    from _common import build_llama, drop_caches, llama_config, report_result
 
     import tensorstream as ts
 
@@ -125,6 +124,7 @@ def child(args) -> None:
             "store_bytes": os.path.getsize(store),
             "times": [],
             "read_gb": [],
+            "identical": True,
         }
     del model
     # Alternate the two, in turned order each round, so that the disk's drift over the run
@@ -140,33 +140,29 @@ def child(args) -> None:
             r["times"].append(time.perf_counter() - t0)
             after = ts.get_model_statistics(m)
             r["read_gb"].append((after["bytes_read"] - before["bytes_read"]) / 1e9)
-            r["identical"] = bool(torch.equal(logits, reference))
+            r["identical"] = r["identical"] and bool(torch.equal(logits, reference))
     for role, r in res.items():
         s = ts.get_model_statistics(models[role])
-        later = sorted(r["times"][1:])
         r.update(
             first_s=r["times"][0],
-            later_s=later[len(later) // 2],
+            later_s=statistics.median_high(r["times"][1:]),
             ratio=s["compression_ratio"],
             decode_s=s["decode_seconds"],
             mode=s["mode"],
             backend=s["backend"],
             budget_gb=s["budget_gb"],
         )
-    print("RESULT " + json.dumps(res), flush=True)
+    report_result(res)
 
 
 def e2e(args, torch_threads: int) -> dict:
+    from _common import run_child
+
     cmd = [sys.executable, __file__, "--child", "--workdir", args.workdir]
     cmd += ["--budget-gb", str(args.budget_gb), "--level", str(args.level)]
     cmd += ["--torch-threads", str(torch_threads), "--forwards", str(args.forwards)]
     cmd += ["--io-threads", str(args.io_threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.stderr.write(p.stdout + p.stderr)
-        raise SystemExit(f"end-to-end run: exit {p.returncode}")
-    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
+    out = run_child(cmd, "end-to-end run")
     print(f"e2e torch threads {torch_threads}: {out}", file=sys.stderr, flush=True)
     for role in ("off", "on"):
         shutil.rmtree(os.path.join(args.workdir, role), ignore_errors=True)
@@ -223,7 +219,7 @@ def main() -> None:
         # Each later round's on/off ratio pairs two forwards run back to back; their median
         # is the figure (the disk's speed drifts too much for a ratio of two medians).
         paired = sorted(b / a for a, b in zip(off["times"][1:], on["times"][1:]))
-        later_ratio = paired[len(paired) // 2]
+        later_ratio = statistics.median_high(paired)
         # Disk-bound limit of the ratio: the bytes each reads per forward.
         limit = on["read_gb"][-1] / off["read_gb"][-1]
         disk = off["read_gb"][-1] / off["later_s"]

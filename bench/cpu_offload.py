@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-    from _common import drop_caches, time_generate
+    from _common import drop_caches, report_result, time_generate
     from transformers import AutoModelForCausalLM
 
     from tensorstream.memory import peak_rss, reset_peak_rss
@@ -87,10 +86,12 @@ def child(args) -> None:
                 "stall_seconds",
             )
         }
-    print("RESULT " + json.dumps(res), flush=True)
+    report_result(res)
 
 
 def run(role: str, args, **extra) -> dict:
+    from _common import run_child
+
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -110,10 +111,7 @@ def run(role: str, args, **extra) -> dict:
         str(args.tokens),
     ]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        raise SystemExit(f"{role} run failed ({p.returncode})")
-    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    res = run_child(cmd, f"{role} run")
     print(
         f"{role}: {res.get('tok_s', 0):.2f} tok/s, cold first token {res.get('cold_first_token_s', float('nan')):.2f}s, "
         f"peak RSS {res['peak_rss'] / 1e9:.2f} GB ({time.perf_counter() - t0:.0f}s)",

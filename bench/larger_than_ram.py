@@ -13,9 +13,7 @@ Usage: python bench/larger_than_ram.py [--workdir DIR] [--forwards 3] [--budget-
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -25,7 +23,7 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-    from _common import drop_caches
+    from _common import drop_caches, report_result
 
     from tensorstream.memory import peak_rss
 
@@ -75,7 +73,7 @@ def child(args) -> None:
             k: s[k]
             for k in ("backend", "budget_bytes", "kept_layers", "units", "peak_usage_bytes", "fallbacks")
         }
-    print("RESULT " + json.dumps(res), flush=True)
+    report_result(res)
 
 
 def odirect_bandwidth(ckpt: str) -> float:
@@ -101,6 +99,8 @@ def odirect_bandwidth(ckpt: str) -> float:
 
 
 def run(role: str, args) -> dict:
+    from _common import run_child
+
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -113,10 +113,7 @@ def run(role: str, args) -> dict:
     ]
     cmd += ["--budget-gb", str(args.budget_gb or 0), "--layers", str(args.layers)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        raise SystemExit(f"{role} failed ({p.returncode})")
-    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    res = run_child(cmd, role)
     print(
         f"{role}: load {res['load_s']:.1f}s, forwards {[f'{x:.2f}' for x in res['forward_s']]}, peak RSS {res['peak_rss'] / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s)",
         flush=True,

@@ -12,9 +12,7 @@ Usage: python bench/load_rss.py [--workdir DIR] [--layers 36] [--budget-gb 1]
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -24,7 +22,7 @@ sys.path.insert(0, HERE)
 
 def child(args) -> None:
     import torch
-    from _common import drop_caches
+    from _common import drop_caches, report_result
 
     from tensorstream.memory import peak_rss
 
@@ -57,16 +55,15 @@ def child(args) -> None:
     if args.role == "tensorstream":
         s = ts.get_model_statistics(model)
         res["stats"] = {k: s[k] for k in ("backend", "peak_usage_bytes", "budget_bytes", "bytes_read")}
-    print("RESULT " + json.dumps(res), flush=True)
+    report_result(res)
 
 
 def run(role: str, args) -> dict:
+    from _common import run_child
+
     cmd = [sys.executable, os.path.abspath(__file__), "--child", role, "--workdir", args.workdir]
     cmd += ["--layers", str(args.layers), "--budget-gb", str(args.budget_gb)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        raise SystemExit(f"{role} failed ({p.returncode})")
-    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    res = run_child(cmd, role)
     print(f"{role}: {res}", flush=True)
     return res
 
