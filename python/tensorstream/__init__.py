@@ -22,7 +22,7 @@ from .errors import (
 )
 from .hf import convert, from_pretrained
 from .offload import offload, runtime_of
-from .runtime import MemoryPressureEvent, set_memory_pressure_callback
+from .stats import MemoryPressureEvent, set_memory_pressure_callback
 from .units import resident_bytes
 
 __version__ = _core.__version__

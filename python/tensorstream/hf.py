@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from . import _core
+from .budget import streamed_subset
 from .config import Config
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
+from .module import install
+from .offload import unit_sizes
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
-from .units import TORCH_TO_ST, analyse, streamed_subset, with_candidates
+from .units import TORCH_TO_ST, analyse, with_candidates
 
 
 def resolve_checkpoint(name_or_path: str) -> str:
@@ -101,6 +104,19 @@ def _map_units_to_checkpoint(model, units, available) -> None:
             p.store_name = ck
 
 
+def _mappable(model, candidates: list, available) -> list:
+    """The extra candidates whose every tensor the checkpoint holds (mapped in place); the
+    others can only stay resident."""
+    out = []
+    for u in candidates:
+        try:
+            _map_units_to_checkpoint(model, [u], available)
+        except StoreMismatchError:
+            continue
+        out.append(u)
+    return out
+
+
 def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set) -> None:
     """Materialise every parameter and buffer that is not streamed, from the checkpoint."""
     from safetensors import safe_open
@@ -164,17 +180,20 @@ def from_pretrained(
         raise InvalidArgumentError(
             f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])"
         )
-    candidates = with_candidates(model, units)[len(units) :]
-    units = streamed_subset(
-        model,
-        units,
-        candidates,
-        config.budget_bytes,
-        config.prefetch_strategy.value,
-        config.memory_pressure_mode.value,
-    )
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
+    candidates = with_candidates(model, units)[len(units) :]
+    store_path = store or _find_store(config, model, path)
+    if store_path:
+        source = StoreSource(_core.Store(str(store_path)))
+        for u in units + candidates:  # stores name tensors relative to their unit
+            for p in u.params:
+                p.store_name = _relative_name(model, u, p)
+                p.sources = None
+    else:
+        source = ckpt
+        candidates = _mappable(model, candidates, ckpt.tensors)
+    units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config)
     streamed = {id(p.get()) for u in units for p in u.params}
     _load_resident(model, ckpt, streamed)
     # Streamed parameters leave the meta device for placeholders of their final shape.
@@ -183,19 +202,7 @@ def from_pretrained(
             p.module._parameters[p.attr] = nn.Parameter(
                 torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False
             )
-    store_path = store or _find_store(config, model, path)
-    if store_path:
-        st = _core.Store(str(store_path))
-        source = StoreSource(st)
-        for u in units:  # stores name tensors relative to their unit
-            for p in u.params:
-                p.store_name = _relative_name(model, u, p)
-                p.sources = None
-    else:
-        source = ckpt
-    runtime = Runtime(model, units, source, config, torch.device("cpu"))
-    runtime.install()
-    model._tensorstream = runtime
+    install(model, Runtime(model, units, source, config, torch.device("cpu")))
     if device is not None:
         model.to(device)
     return model

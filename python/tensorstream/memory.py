@@ -1,8 +1,6 @@
-"""Host memory facts: available RAM, peak RSS, aligned buffers."""
+"""Host memory facts: available RAM, peak RSS, file mappings, aligned and pinned buffers."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -55,17 +53,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def current_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0). Returns False where not allowed."""
     try:
@@ -110,5 +97,26 @@ def pinned_empty(nbytes: int) -> tuple:
     return t, reg.ok
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+def file_mappings() -> list:
+    """(start, end) of this process's file-backed memory mappings (Linux)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[5].startswith("/"):
+                    lo, hi = parts[0].split("-")
+                    out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return out
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from . import _core
+from .budget import streamed_subset
 from .config import Config
 from .errors import InvalidArgumentError, StoreMismatchError, TensorStreamError
+from .module import install
+from .placement import slot_sizes
 from .runtime import Runtime
 from .sources import StoreSource
-from .units import analyse, fingerprint, streamed_subset, with_candidates, write_store
+from .units import analyse, fingerprint, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
 
@@ -97,19 +100,15 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
             "blocks holding parameters; name them with Config(units=[...])"
         )
     all_units = with_candidates(model, units)
-    store = open_or_write_store(model, all_units, config)
-    units = streamed_subset(
-        model,
-        units,
-        all_units[len(units) :],
-        config.budget_bytes,
-        config.prefetch_strategy.value,
-        config.memory_pressure_mode.value,
-    )
-    runtime = Runtime(model, units, StoreSource(store), config, _model_device(model))
-    runtime.install()
-    model._tensorstream = runtime
+    source = StoreSource(open_or_write_store(model, all_units, config))
+    units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config)
+    install(model, Runtime(model, units, source, config, _model_device(model)))
     return model
+
+
+def unit_sizes(units: list, source) -> dict:
+    """Unit name -> buffer bytes, for these units read from `source`."""
+    return dict(zip((u.name for u in units), slot_sizes(units, source.layouts(units), source.path)))
 
 
 def runtime_of(model: nn.Module) -> Runtime:

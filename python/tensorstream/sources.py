@@ -1,11 +1,28 @@
 """Where units' bytes come from: a TensorStream store, or a safetensors checkpoint read in
-place. Both give the runtime one read layout per unit (through the Rust core)."""
+place. Both give the runtime one read layout per unit (through the Rust core), and hold the
+files they validated open for the source's life."""
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from . import _core
+from .errors import StoreMismatchError
+
+
+class _OpenFiles:
+    """Descriptors of a source's files, opened once and closed with the source."""
+
+    def __init__(self, paths: list):
+        self.fds = {p: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths}
+
+    def __del__(self):
+        for fd in getattr(self, "fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class StoreSource:
@@ -23,6 +40,9 @@ class StoreSource:
         self.raw_bytes = store.raw_bytes
         self.stored_bytes = store.stored_bytes
         self.compressed = store.coded_units > 0
+        self._open = _OpenFiles(self.files)
+        self.fds = self._open.fds
+        self.fd = self.fds[self.path]
 
     @property
     def zero_copy(self) -> bool:
@@ -39,13 +59,15 @@ class StoreSource:
         for u in units:
             i = self.store.unit_index(u.name)
             if i is None:
-                from .errors import StoreMismatchError
-
-                raise StoreMismatchError(
-                    f"store {self.path} has no unit {u.name!r}; it was written for another model"
-                )
+                raise StoreMismatchError(f"store {self.path} has no unit {u.name!r}; it was written for another model")
             out.append(self.store.layout(i))
         return out
+
+    def span(self, unit: str, part) -> Optional[tuple]:
+        """(fd, file offset) of a stored tensor's raw bytes, or None where they are coded."""
+        if self.compressed:
+            return None
+        return self.fd, self.unit_offsets[unit] + part.offset
 
 
 class CheckpointSource:
@@ -61,6 +83,13 @@ class CheckpointSource:
         self.files = self.view.files()
         self.file_len = sum(os.path.getsize(f) for f in self.files)
         self.tensors = self.view.tensors()
+        self._open = _OpenFiles(self.files)
+        self.fds = self._open.fds
 
     def layouts(self, units: list) -> list:
         return [self.view.layout(u.name, [n for p in u.params for n in p.source_names]) for u in units]
+
+    def span(self, unit: str, part) -> Optional[tuple]:
+        """(fd, file offset) of a stored tensor's bytes."""
+        _dtype, _shape, file, offset, _nbytes = self.tensors[part.name]
+        return self.fds[file], offset

@@ -223,28 +223,6 @@ def with_candidates(model: nn.Module, units: list) -> list:
     return allu
 
 
-def streamed_subset(
-    model: nn.Module, units: list, candidates: list, budget: Optional[int], strategy: str, mode: str
-) -> list:
-    """The units to stream: `units`, plus as few candidates (largest first) as it takes for
-    the modules left resident to fit the budget beside the streaming window."""
-
-    def fits(us: list) -> bool:
-        sizes = [(u.nbytes + 4095) // 4096 * 4096 + 4096 for u in us]
-        return resident_bytes(model, us) + _core.Planner.min_budget(sizes, strategy, mode) <= budget
-
-    chosen = list(units)
-    if budget is not None:
-        for spec in candidates:
-            if fits(chosen):
-                break
-            chosen.append(spec)
-    out = []
-    for i, u in enumerate(chosen):
-        out.append(UnitSpec(index=i, name=u.name, modules=u.modules, params=u.params))
-    return out
-
-
 def fingerprint(model: nn.Module, units: list) -> str:
     """Identify the model: its class and, per unit, each tensor's name, dtype, shape and
     content checksum. Two models that differ in any streamed byte differ here."""

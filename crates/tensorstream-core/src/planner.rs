@@ -160,15 +160,15 @@ impl ResidencyPlanner {
                 "{n} units, more than a planner handles"
             )));
         }
-        let largest = sizes.iter().copied().max().unwrap_or(0);
-        let slots = Self::slots_for(&cfg);
-        let need = largest.saturating_mul(slots);
+        let need = Self::min_budget(&sizes, cfg.strategy, cfg.mode);
         if n > 0 && cfg.budget < need {
+            let largest = sizes.iter().copied().max().unwrap_or(0);
             return Err(Error::Budget {
                 budget: cfg.budget,
                 reason: format!(
-                    "the largest unit takes {largest} bytes and the {:?} prefetch window needs {slots} of them, {need} bytes",
-                    cfg.strategy
+                    "the largest unit takes {largest} bytes and the {:?} prefetch window holds up to {} units, {need} bytes",
+                    cfg.strategy,
+                    Self::slots_for(&cfg).min(n as u64)
                 ),
             });
         }
@@ -200,19 +200,22 @@ impl ResidencyPlanner {
         }
     }
 
-    /// The smallest budget that works for these sizes and settings.
+    /// The smallest budget that works for these sizes and settings: what the streaming
+    /// window can hold at once, the running unit plus its prefetches, that is the sum of the
+    /// `slots` largest units (all of them when there are fewer distinct units than slots, so
+    /// one shared block needs only its own size).
     pub fn min_budget(sizes: &[u64], strategy: Strategy, mode: PressureMode) -> u64 {
         let cfg = PlannerConfig {
             budget: 0,
             strategy,
             mode,
         };
-        sizes
+        let mut sorted = sizes.to_vec();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        sorted
             .iter()
-            .copied()
-            .max()
-            .unwrap_or(0)
-            .saturating_mul(Self::slots_for(&cfg))
+            .take(Self::slots_for(&cfg) as usize)
+            .fold(0u64, |acc, &s| acc.saturating_add(s))
     }
 
     /// Number of units.

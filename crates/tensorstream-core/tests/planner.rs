@@ -385,3 +385,18 @@ fn budget_too_small_is_refused() {
     assert!(matches!(p.forget(7), Err(Error::InvalidArgument(_))));
     let _ = bytes(0, 0);
 }
+
+#[test]
+fn min_budget_is_what_the_window_holds() {
+    // One unit (a shared block listed several times): the window holds it once.
+    for strategy in STRATEGIES {
+        for mode in MODES {
+            assert_eq!(ResidencyPlanner::min_budget(&[100], strategy, mode), 100);
+        }
+    }
+    // The running unit plus its prefetches: the largest units, not copies of the largest.
+    let sizes = [10, 100, 5, 40];
+    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::None, PressureMode::Balanced), 100);
+    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::NextLayer, PressureMode::Balanced), 140);
+    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::Adaptive, PressureMode::Aggressive), 150);
+}

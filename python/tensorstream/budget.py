@@ -1,0 +1,100 @@
+"""Unit sizes and budgets: the one place that decides what a budget must hold.
+
+`offload()`, `from_pretrained()` and the runtime all size units with
+:func:`tensorstream.placement.slot_sizes` (the bytes a unit's buffer takes, conversion tails
+included) and check a budget with :func:`plan`; the minimum for the streaming window is the
+planner's own (`_core.Planner.min_budget`: the largest units the window holds at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _core
+from .config import Config
+from .errors import BudgetError, InvalidArgumentError
+from .memory import available_ram, total_ram
+from .units import UnitSpec, resident_bytes
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The budget for one device, split as the planner sees it."""
+
+    budget: int
+    """All weight bytes TensorStream may keep on the device (the user's budget or the default)."""
+    resident: int
+    """Bytes of the modules that are not streamed."""
+    units: int
+    """Bytes the planner may fill with streamed units (resident units and reads in flight)."""
+
+
+def default_budget(device: torch.device) -> int:
+    """The budget when the user sets none: 80% of the free GPU memory; on CPU the available
+    RAM minus a headroom of max(2 GiB, 10% of RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.8)
+    if device.type == "cpu":
+        return max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
+    raise InvalidArgumentError(f"device {device} is not supported; TensorStream streams to CPU or CUDA devices")
+
+
+def window_bytes(sizes: list, config: Config) -> int:
+    """Bytes the streaming window holds at once for these unit sizes and settings."""
+    return _core.Planner.min_budget(
+        list(sizes), config.prefetch_strategy.value, config.memory_pressure_mode.value
+    )
+
+
+def model_bytes(model: nn.Module, units: list) -> int:
+    """The model's own weight bytes: resident modules plus the streamed parameters."""
+    return resident_bytes(model, units) + sum(u.nbytes for u in units)
+
+
+def plan(model: nn.Module, units: list, sizes: list, config: Config, device: torch.device) -> BudgetPlan:
+    """The budget for streaming `units` (of buffer sizes `sizes`) to `device`, or a
+    BudgetError with the numbers and what to do. A budget that holds the whole model is never
+    refused: the planner then gets room for every unit (their buffers' alignment padding,
+    under 4 KiB a tensor, is the only excess)."""
+    budget = config.budget_bytes if config.budget_bytes is not None else default_budget(device)
+    resident = resident_bytes(model, units)
+    unit_budget = budget - resident
+    if config.budget_bytes is not None and budget >= model_bytes(model, units):
+        unit_budget = max(unit_budget, sum(sizes))
+    need = window_bytes(sizes, config)
+    if unit_budget < need:
+        largest = max(sizes) if sizes else 0
+        strategy = config.prefetch_strategy.value
+        pmode = config.memory_pressure_mode.value
+        raise BudgetError(
+            f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {device}: the modules that "
+            f"are not streamed take {resident} bytes, leaving {unit_budget} for streamed units, but the "
+            f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) holds up to "
+            f"{need} bytes of units at once. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
+            f"({resident + need} bytes), or stream more modules (Config.units)."
+        )
+    return BudgetPlan(budget=budget, resident=resident, units=unit_budget)
+
+
+def streamed_subset(model: nn.Module, units: list, candidates: list, sizes: dict, config: Config) -> list:
+    """The units to stream: `units`, plus as few `candidates` (largest first) as it takes for
+    the modules left resident to fit the budget beside the streaming window. `sizes` maps a
+    unit's name to its buffer size. Returns fresh UnitSpecs indexed from 0."""
+    budget: Optional[int] = config.budget_bytes
+
+    def fits(us: list) -> bool:
+        return resident_bytes(model, us) + window_bytes([sizes[u.name] for u in us], config) <= budget
+
+    chosen = list(units)
+    if budget is not None:
+        for spec in candidates:
+            if fits(chosen):
+                break
+            chosen.append(spec)
+    return [UnitSpec(index=i, name=u.name, modules=u.modules, params=u.params) for i, u in enumerate(chosen)]

@@ -1,0 +1,144 @@
+"""The module layer: what :func:`install` changes on the user's model so that it keeps
+behaving as an ``nn.Module`` while its units stream.
+
+- The model's and each unit's ``forward`` are wrapped (instance attributes that keep the
+  original's signature): the model's runs as one pass under the model's lock; a unit's loads
+  its weights first and releases them after. A ``try`` around both, not hooks, so that any
+  exception, ``KeyboardInterrupt`` included, reaches the runtime's recovery.
+- Streamed parameters become :class:`~tensorstream.placement.StreamedParameter` objects: read
+  outside a forward (``state_dict()``, ``torch.save``, ``save_pretrained``, printing a
+  weight) they give the real values, read from the source; written, they raise.
+- ``_apply`` of the model and of each unit is replaced, so ``model.to(device)`` moves what is
+  resident and switches the device units stream to, without materialising them; a dtype
+  change of streamed units is refused.
+- ``copy.deepcopy`` gives a working copy sharing the source; pickling raises
+  ``TensorStreamError`` (see :meth:`Runtime.__reduce_ex__`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+from .memory import file_mappings, trim_heap
+from .runtime import Runtime
+
+
+class _Forward:
+    """Base of the forward wrappers: keeps the wrapped forward's signature (transformers
+    reads it) and is deep-copied with the model."""
+
+    def __init__(self, runtime: Runtime, orig):
+        self.runtime = runtime
+        self.orig = orig
+        self.__wrapped__ = orig
+        self.__doc__ = getattr(orig, "__doc__", None)
+        self.__name__ = getattr(orig, "__name__", "forward")
+
+
+class _PassForward(_Forward):
+    def __call__(self, *args, **kwargs):
+        return self.runtime.run_pass(self.orig, args, kwargs)
+
+
+class _UnitForward(_Forward):
+    def __init__(self, runtime: Runtime, orig, index: int):
+        super().__init__(runtime, orig)
+        self.index = index
+
+    def __call__(self, *args, **kwargs):
+        return self.runtime.run_unit(self.index, self.orig, args, kwargs)
+
+
+class _RootApply:
+    """``model._apply``: refuse a dtype change of streamed units before anything moves."""
+
+    def __init__(self, runtime: Runtime, module: nn.Module):
+        self.runtime = runtime
+        self.module = module
+
+    def __call__(self, fn, recurse: bool = True):
+        _check_dtype_unchanged(self.runtime, fn)
+        return type(self.module)._apply(self.module, fn, recurse)
+
+
+class _UnitApply(_RootApply):
+    """A unit's ``_apply``: move what is resident, and stream to the new device."""
+
+    def __call__(self, fn, recurse: bool = True):
+        rt = self.runtime
+        rt.resolve()
+        unit = next(u for u in rt.units if u.modules[0] is self.module)
+        _check_dtype_unchanged(rt, fn)
+        with rt._lock:
+            rt.teardown()
+            for p in unit.params:
+                p.get().data = torch.empty(0, dtype=p.dtype, device=rt.device)
+            type(self.module)._apply(self.module, fn, recurse)
+            new_device = unit.params[0].get().device if unit.params else rt.device
+            rt.device = new_device
+            for i in range(len(rt.units)):
+                rt.placement.unbind(i, new_device)
+        return self.module
+
+
+def _check_dtype_unchanged(rt: Runtime, fn) -> None:
+    rt.resolve()
+    for unit in rt.units:
+        for p in unit.params:
+            probe = fn(torch.empty(0, dtype=p.dtype, device=rt.device))
+            if probe.dtype != p.dtype:
+                raise InvalidArgumentError(
+                    f"changing the dtype of a streamed unit after offload() is not supported ({unit.name}: "
+                    f"{p.dtype} -> {probe.dtype}); cast the model before offloading it"
+                )
+
+
+def install(model: nn.Module, runtime: Runtime) -> None:
+    """Set up streaming on `model`. The budget is checked first: a model refused for its
+    budget is left untouched."""
+    runtime.check_budget()
+    _detach_resident_from_unit_storage(model, runtime.units)
+    runtime.placement.adopt(runtime)
+    for i in range(len(runtime.units)):
+        runtime.placement.unbind(i, runtime.device)
+    for u in runtime.units:
+        for m in u.modules:
+            m.forward = _UnitForward(runtime, m.forward, u.index)
+        top = u.modules[0]
+        top._apply = _UnitApply(runtime, top)  # instance attribute shadows nn.Module._apply
+    # The root checks a dtype change before anything moves, so a refused model.half()
+    # leaves no module converted.
+    model._apply = _RootApply(runtime, model)
+    model.forward = _PassForward(runtime, model.forward)
+    model._tensorstream = runtime
+    trim_heap()
+    runtime.configure()
+
+
+def _detach_resident_from_unit_storage(model: nn.Module, units: list) -> None:
+    """Give resident tensors their own memory where they live in the same file mapping as
+    streamed ones. transformers loads a checkpoint with mmap: a resident embedding viewing
+    that mapping keeps the whole file mapped, and every page the store writer touched in
+    RSS, after the units are gone."""
+    maps = file_mappings()
+    if not maps:
+        return
+
+    def mapping_of(ptr: int):
+        for lo, hi in maps:
+            if lo <= ptr < hi:
+                return (lo, hi)
+        return None
+
+    shared = {mapping_of(p.get().data_ptr()) for u in units for p in u.params} - {None}
+    if not shared:
+        return
+    streamed_ids = {id(p.get()) for u in units for p in u.params}
+    for mod in model.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is None or id(t) in streamed_ids or t.device.type != "cpu" or t.numel() == 0:
+                continue
+            if mapping_of(t.data_ptr()) in shared:
+                t.data = t.data.clone()

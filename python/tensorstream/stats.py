@@ -1,0 +1,128 @@
+"""Statistics and memory-pressure events: counters the runtime keeps, and the dictionary
+:func:`tensorstream.get_model_statistics` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .errors import InvalidArgumentError
+
+GiB = 1 << 30
+
+
+@dataclass
+class MemoryPressureEvent:
+    """Passed to the callback of :func:`tensorstream.set_memory_pressure_callback` when a
+    unit had to be loaded on demand and the planner evicted others to make room."""
+
+    level: float
+    """Fraction of the budget in use after the access (0..1)."""
+    unit: str
+    evicted: list
+    bytes_in_use: int
+    budget_bytes: int
+    mode: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.level:.0%} of {self.budget_bytes / GiB:.2f} GiB in use; loading {self.unit} "
+            f"evicted {len(self.evicted)} unit(s) ({self.mode})"
+        )
+
+
+_pressure_callbacks: list = []
+
+
+def set_memory_pressure_callback(fn: Optional[Callable[[MemoryPressureEvent], None]]) -> None:
+    """Call `fn(event)` whenever the planner must evict units to load one on demand
+    (budget pressure). ``None`` removes the callback."""
+    _pressure_callbacks.clear()
+    if fn is not None:
+        if not callable(fn):
+            raise InvalidArgumentError(f"memory pressure callback must be callable, got {fn!r}")
+        _pressure_callbacks.append(fn)
+
+
+def notify_pressure(event_fn: Callable[[], MemoryPressureEvent]) -> None:
+    """Call the registered callback with the event `event_fn` builds (only if there is one)."""
+    if _pressure_callbacks:
+        ev = event_fn()
+        for cb in list(_pressure_callbacks):
+            cb(ev)
+
+
+@dataclass
+class Counters:
+    accesses: int = 0
+    hits: int = 0
+    prefetch_hits: int = 0
+    misses: int = 0
+    stall_seconds: float = 0.0
+    bytes_h2d: int = 0
+    passes: int = 0
+    errors: int = 0
+    peak_held: int = 0
+    fallbacks: list = field(default_factory=list)
+
+
+def statistics(rt) -> dict:
+    """The statistics of runtime `rt` (see :func:`tensorstream.get_model_statistics`)."""
+    c = rt.counters
+    tr = rt.transfer
+    ps = rt.planner.stats() if rt.planner else {}
+    es = rt.engine.stats() if rt.engine else {}
+    kept = rt.planner.kept() if rt.planner else []
+    resident = rt.planner.resident() if rt.planner else []
+    accesses = max(c.accesses, 1)
+    if es.get("direct_refused_files"):
+        rt.fallback("the filesystem refused O_DIRECT; reads went through the page cache")
+    held = rt.held_bytes()
+    plan = rt.budget_plan
+    budget = plan.budget if plan else 0
+    resident_bytes = plan.resident if plan else 0
+    source = rt.source
+    return {
+        "device": str(rt.device),
+        "mode": tr.kind if tr else None,
+        "backend": tr.describe() if tr else "unconfigured",
+        "requested_backend": rt.config.backend.value,
+        "fallbacks": list(c.fallbacks),
+        "prefetch_strategy": rt.config.prefetch_strategy.value,
+        "memory_pressure_mode": rt.config.memory_pressure_mode.value,
+        "budget_gb": budget / GiB,
+        "budget_bytes": budget,
+        "resident_module_bytes": resident_bytes,
+        "vram_usage_gb": held / GiB,
+        "streamed_bytes_held": held,
+        "peak_usage_bytes": resident_bytes + c.peak_held,
+        "peak_usage_gb": (resident_bytes + c.peak_held) / GiB,
+        "units": len(rt.units),
+        "unit_bytes": list(rt.sizes),
+        "offloaded_layers": len(rt.units) - len(kept) if kept else len(rt.units),
+        "resident_layers": len(resident),
+        "kept_layers": len(kept),
+        "accesses": c.accesses,
+        "cache_hits": c.hits,
+        "prefetch_hits": c.prefetch_hits,
+        "misses": c.misses,
+        "cache_hit_rate": c.hits / accesses,
+        "prefetch_hit_rate": c.prefetch_hits / accesses,
+        "bytes_read": es.get("bytes_read", 0),
+        "bytes_h2d": c.bytes_h2d,
+        "pinned_host_bytes": getattr(tr, "pinned_bytes", 0),
+        "stall_seconds": c.stall_seconds,
+        "io_busy_seconds": es.get("busy_seconds", 0.0),
+        "forward_passes": c.passes,
+        "errors": c.errors,
+        "buffered_fallback_bytes": es.get("buffered_fallback_bytes", 0),
+        "store_path": source.path,
+        "source": source.kind,
+        "compression_ratio": getattr(source, "compression_ratio", 1.0),
+        "store_raw_bytes": getattr(source, "raw_bytes", None),
+        "store_stored_bytes": getattr(source, "stored_bytes", None),
+        "decoded_bytes": es.get("decoded_bytes", 0),
+        "decode_seconds": es.get("decode_seconds", 0.0),
+        "planner": ps,
+        "engine": es,
+    }

@@ -1,0 +1,225 @@
+"""The interface every transfer path implements, and the state they share.
+
+A transfer path gets a unit's bytes from the engine to the device that runs the model. It
+owns its buffers (slot pool, staging ring, host tier, mapping); the runtime's planner loop
+decides what to load and evict and calls:
+
+- ``load(i, demand)``: start getting unit `i`'s bytes;
+- ``prefetched(units)``: after the prefetches of one access were submitted;
+- ``ready(i)``: wait for unit `i`; returns ``(buffer, base_offset, convert)`` to bind its
+  parameters to, or None when its parameters are views that are always valid (mmap);
+- ``after_compute(i)``: unit `i` has run;
+- ``evict(i)``: drop unit `i`'s bytes;
+- ``reset()``: drop every unit and cancel every read, returning all accounting to zero
+  (recovery after an exception, teardown);
+- ``held_bytes()``, ``describe()``, ``close()``, and ``abandon()`` after ``fork()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import BudgetError
+from ..memory import aligned_empty
+from ..placement import Placement
+
+
+@dataclass
+class UnitIO:
+    """One unit's transfer state."""
+
+    slot: Optional[torch.Tensor] = None
+    slot_event: object = None  # CUDA: event after which the slot may be overwritten
+    ticket: object = None
+    staging: Optional[int] = None  # CUDA: index of the staging buffer holding its read
+    ready_event: object = None  # CUDA: event after the copy to the slot
+    needs_convert: bool = False
+
+
+@dataclass
+class Context:
+    """What a transfer path needs from the runtime."""
+
+    units: list
+    layouts: list
+    placement: Placement
+    source: object
+    config: object
+    device: torch.device
+    unit_budget: int
+    engine: object
+    counters: object
+    planner_used: Callable[[], int]
+    fallback: Callable[[str], None]
+    sizes: list = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sizes = self.placement.sizes
+
+
+class Transfer:
+    """Base of the transfer paths; see the module docstring for the protocol."""
+
+    kind = ""
+    zero_copy = False
+    """True when parameters are views that stay valid when the unit is evicted (mmap)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.engine = ctx.engine
+        self.io = [UnitIO() for _ in ctx.units]
+
+    def load(self, i: int, demand: bool) -> None:
+        raise NotImplementedError
+
+    def prefetched(self, units: list) -> None:
+        pass
+
+    def ready(self, i: int) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def after_compute(self, i: int) -> None:
+        pass
+
+    def evict(self, i: int) -> None:
+        raise NotImplementedError
+
+    def held_bytes(self) -> int:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        for i in range(len(self.io)):
+            self._cancel(i)
+        self.io = [UnitIO() for _ in self.ctx.units]
+
+    def close(self) -> None:
+        self.reset()
+
+    def abandon(self) -> list:
+        """After fork(): forget every read without touching the engine (its workers do not
+        exist in the child). Returns the tickets, which the caller must keep alive forever."""
+        tickets = [st.ticket for st in self.io if st.ticket is not None]
+        self.io = [UnitIO() for _ in self.ctx.units]
+        return tickets
+
+    def _wait(self, i: int) -> None:
+        """Wait for unit `i`'s read, counting the time a demand waits as a stall."""
+        t = self.io[i].ticket
+        if not t.is_finished():
+            t0 = time.perf_counter()
+            self.engine.wait(t)
+            self.ctx.counters.stall_seconds += time.perf_counter() - t0
+        else:
+            self.engine.wait(t)
+        self.io[i].ticket = None
+
+    def _cancel(self, i: int) -> None:
+        st = self.io[i]
+        if st.ticket is not None:
+            self.engine.cancel(st.ticket)
+            try:
+                self.engine.wait(st.ticket)
+            except Exception:  # noqa: BLE001 - a cancelled or failed read is dropped either way
+                pass
+        st.ticket = None
+
+
+class SlotPool:
+    """Buffers for units, reused by size. Tracks every byte it has allocated, idle or not,
+    and never holds more than `limit`."""
+
+    def __init__(self, device: torch.device, limit: int):
+        self.device = device
+        self.limit = limit
+        self.idle: dict = defaultdict(list)
+        self.allocated = 0
+        self.peak = 0
+
+    def take(self, nbytes: int) -> tuple:
+        """A buffer of `nbytes` and the event after which it may be overwritten (or None)."""
+        free = self.idle.get(nbytes)
+        if free:
+            return free.pop()
+        while self.allocated + nbytes > self.limit and any(self.idle.values()):
+            for size, lst in self.idle.items():
+                if lst:
+                    lst.pop()
+                    self.allocated -= size
+                    break
+        if self.allocated + nbytes > self.limit:
+            raise BudgetError(
+                f"slot pool: {self.allocated} + {nbytes} bytes would exceed the {self.limit}-byte budget"
+            )
+        if self.device.type == "cpu":
+            buf = aligned_empty(nbytes)
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.allocated += nbytes
+        self.peak = max(self.peak, self.allocated)
+        return buf, None
+
+    def give(self, buf: torch.Tensor, ready_event=None) -> None:
+        self.idle[buf.numel()].append((buf, ready_event))
+
+    def free(self, buf: torch.Tensor) -> None:
+        """Release a buffer's memory instead of keeping it for reuse."""
+        self.allocated -= buf.numel()
+
+    def clear(self) -> None:
+        self.idle.clear()
+        self.allocated = 0
+
+
+class PooledTransfer(Transfer):
+    """A path whose units live in budgeted slots from a SlotPool (pread, CUDA)."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.pool = SlotPool(ctx.device, ctx.unit_budget)
+
+    def _take_slot(self, i: int) -> torch.Tensor:
+        st = self.io[i]
+        st.slot, st.slot_event = self.pool.take(self.ctx.sizes[i])
+        st.needs_convert = self.ctx.placement.converts[i]
+        return st.slot
+
+    def _bind_args(self, i: int) -> tuple:
+        st = self.io[i]
+        convert, st.needs_convert = st.needs_convert, False
+        return st.slot, 0, convert
+
+    def evict(self, i: int) -> None:
+        from ..config import MemoryPressureMode
+
+        self._cancel(i)
+        st = self.io[i]
+        if st.slot is not None:
+            if self.ctx.config.memory_pressure_mode == MemoryPressureMode.CONSERVATIVE:
+                self.pool.free(st.slot)  # give the memory back, not just the slot
+            else:
+                self.pool.give(st.slot, st.slot_event)
+        self.io[i] = UnitIO()
+
+    def held_bytes(self) -> int:
+        return self.pool.allocated
+
+    def reset(self) -> None:
+        super().reset()
+        self.pool.clear()
+
+    def slot_storages(self) -> dict:
+        """Storage address -> (unit, slot) of every slot holding a unit now (for saved-tensor
+        hooks: a tensor autograd saves that lives in a slot must not see the slot reused)."""
+        out = {}
+        for i, st in enumerate(self.io):
+            if st.slot is not None:
+                out[st.slot.untyped_storage().data_ptr()] = (i, st.slot)
+        return out
