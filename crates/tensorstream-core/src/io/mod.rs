@@ -1,10 +1,13 @@
 //! I/O backends: each reads byte ranges of a file into memory the caller provides.
 //!
 //! The engine splits requests into chunks and calls a backend from several worker threads
-//! at once, so backends are `Send + Sync` and keep their open files internally.
+//! at once, so backends are `Send + Sync` and keep their open files internally. The file
+//! helpers the backends and the parsers share (opening only regular files, positional reads
+//! that retry short reads) live here too.
 
 mod aligned;
 mod faults;
+mod file;
 mod mmap;
 mod pread;
 
@@ -12,6 +15,8 @@ pub use aligned::AlignedBuf;
 pub use faults::{FaultPlan, FaultyBackend};
 pub use mmap::MmapBackend;
 pub use pread::PreadBackend;
+
+pub(crate) use file::{open_regular, read_full};
 
 use crate::error::{Error, Result};
 use std::path::Path;

@@ -8,12 +8,13 @@
 //! bounce buffer. A destination whose alignment cannot match the file's is read buffered,
 //! and filesystems that refuse O_DIRECT (tmpfs) are read buffered; both show in the stats.
 
+use super::file::{read_exact_at, read_full};
 use super::{eof, AlignedBuf, BackendStats, ReadBackend};
 use crate::error::{Error, Result};
 use crate::store::{align_down, align_up, BLOCK};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -85,37 +86,6 @@ impl PreadBackend {
     }
 }
 
-/// Read exactly `dst.len()` bytes, retrying short reads and EINTR.
-fn read_exact_at(file: &File, path: &Path, offset: u64, dst: &mut [u8]) -> Result<()> {
-    let got = read_upto(file, path, offset, dst)?;
-    if got < dst.len() {
-        return Err(eof(path, offset, dst.len() as u64, got as u64));
-    }
-    Ok(())
-}
-
-/// Read until `dst` is full or the file ends; returns the count.
-fn read_upto(file: &File, path: &Path, offset: u64, dst: &mut [u8]) -> Result<usize> {
-    let mut done = 0usize;
-    while done < dst.len() {
-        match file.read_at(&mut dst[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::io(
-                    path,
-                    "pread",
-                    offset + done as u64,
-                    (dst.len() - done) as u64,
-                    e,
-                ))
-            }
-        }
-    }
-    Ok(done)
-}
-
 thread_local! {
     static BOUNCE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::new(BLOCK as usize));
 }
@@ -125,7 +95,7 @@ fn bounce_read(direct: &File, path: &Path, offset: u64, dst: &mut [u8]) -> Resul
     let block = align_down(offset, BLOCK);
     BOUNCE.with(|b| {
         let mut b = b.borrow_mut();
-        let got = read_upto(direct, path, block, &mut b[..])? as u64;
+        let got = read_full(direct, path, block, &mut b[..])? as u64;
         let skip = offset - block;
         if got < skip + dst.len() as u64 {
             return Err(eof(

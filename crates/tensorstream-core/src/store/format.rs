@@ -1,7 +1,10 @@
 //! Store format v1: a 64-byte header, 4 KiB-aligned unit data, then a JSON manifest.
 //! `docs/store-format.md` is the normative description; this module implements it.
 
-use super::{align_up, DType, BLOCK, TENSOR_ALIGN};
+use super::{
+    align_up, CodedChunk, DType, ExpectedChecksum, Extent, TensorSlot, UnitLayout, BLOCK,
+    TENSOR_ALIGN,
+};
 use crate::codec::{ChunkMode, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -183,6 +186,60 @@ impl UnitRecord {
     pub fn checksum_value(&self) -> u64 {
         u64::from_str_radix(&self.checksum, 16).unwrap_or(0)
     }
+
+    /// Read layout of the unit in the store file at `path`, checksum verified: one aligned
+    /// extent, read whole, for a raw unit; its chunks, each read and decoded on its own,
+    /// for a coded one. The buffer has the unit's raw length rounded up to 4096 either way.
+    ///
+    /// File offsets are added unchecked: call it only on a record whose chunk table and
+    /// range in the file have been checked, as [`Manifest::validate`] does before calling it.
+    pub(crate) fn layout(&self, path: &Path) -> UnitLayout {
+        let (extents, chunks) = if self.is_coded() {
+            let chunks = self
+                .chunks
+                .iter()
+                .map(|c| CodedChunk {
+                    file: 0,
+                    file_offset: self.offset + c.stored_offset,
+                    stored_len: c.stored_len,
+                    dest_offset: c.raw_offset,
+                    raw_len: c.raw_len,
+                    mode: c.mode,
+                })
+                .collect();
+            (Vec::new(), chunks)
+        } else {
+            let extent = Extent {
+                file: 0,
+                file_offset: self.offset,
+                len: self.padded_length,
+                dest_offset: 0,
+            };
+            (vec![extent], Vec::new())
+        };
+        UnitLayout {
+            name: self.name.clone(),
+            files: vec![path.to_path_buf()],
+            extents,
+            chunks,
+            buffer_len: align_up(self.length, BLOCK),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| TensorSlot {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    offset: t.offset,
+                    nbytes: t.nbytes,
+                })
+                .collect(),
+            checksum: Some(ExpectedChecksum {
+                value: self.checksum_value(),
+                covered: self.length,
+            }),
+        }
+    }
 }
 
 /// The manifest: everything about a store but the data.
@@ -296,6 +353,11 @@ impl Manifest {
                 ))
             })?;
             prev_end = end;
+            // The unit's layout, as the store hands it out, must pass the engine's own check
+            // (which also bounds each coded chunk's stored length by its raw length).
+            u.layout(path)
+                .validate()
+                .map_err(|reason| bad(format!("unit '{}': {reason}", u.name)))?;
             validate_tensors(path, u)?;
         }
         Ok(())
@@ -304,8 +366,11 @@ impl Manifest {
 
 /// Check a coded unit's chunk table; returns the end of its stored bytes (relative to the
 /// unit). The table is fully determined by the unit's length but for the stored lengths
-/// and modes, and every entry is checked against that, so a hostile table can neither
-/// overlap chunks, leave raw bytes uncovered, nor make a reader allocate more than a chunk.
+/// and modes, and every position is checked against that, so a hostile table can neither
+/// overlap chunks nor leave raw bytes uncovered. The stored lengths are bounded here only
+/// by arithmetic that cannot wrap; their sizes against each chunk's mode are checked with
+/// the rest of the unit's layout ([`UnitLayout::validate`]), which keeps a reader from
+/// allocating more than a chunk.
 fn validate_chunks(path: &Path, u: &UnitRecord) -> Result<u64> {
     let bad = |reason: String| Error::format("store", path, format!("unit '{}': {reason}", u.name));
     let expect = u.length.div_ceil(CODEC_CHUNK);
@@ -321,32 +386,28 @@ fn validate_chunks(path: &Path, u: &UnitRecord) -> Result<u64> {
     for (i, c) in u.chunks.iter().enumerate() {
         let raw_offset = i as u64 * CODEC_CHUNK;
         let raw_len = CODEC_CHUNK.min(u.length - raw_offset);
-        let stored_offset = align_up(stored_end, BLOCK);
-        let len_ok = match c.mode {
-            ChunkMode::Raw => c.stored_len == raw_len,
-            ChunkMode::Grouped { .. } => c.stored_len > 0 && c.stored_len < raw_len,
-        };
+        // Checked: a hostile stored length near 2^64 must not wrap the next offset around.
+        let stored_offset = stored_end
+            .checked_add(BLOCK - 1)
+            .map(|x| super::align_down(x, BLOCK));
         if c.raw_offset != raw_offset
             || c.raw_len != raw_len
-            || c.stored_offset != stored_offset
-            || !len_ok
+            || Some(c.stored_offset) != stored_offset
         {
             return Err(bad(format!(
-                "chunk {i} records raw {}+{}, stored {}+{} ({}); expected raw {raw_offset}+{raw_len}, stored at {stored_offset}, {}",
+                "chunk {i} records raw {}+{}, stored at {}; expected raw {raw_offset}+{raw_len}, stored at {}",
                 c.raw_offset,
                 c.raw_len,
                 c.stored_offset,
-                c.stored_len,
-                c.mode,
-                if c.mode == ChunkMode::Raw {
-                    format!("{raw_len} bytes long")
-                } else {
-                    format!("1 to {} bytes long", raw_len - 1)
-                }
+                stored_offset.map_or("more than 2^64".to_string(), |o| o.to_string())
             )));
         }
-        // Cannot overflow: stored_offset <= i * (4 MiB + 4 KiB) < 2^43.
-        stored_end = stored_offset + c.stored_len;
+        stored_end = c.stored_offset.checked_add(c.stored_len).ok_or_else(|| {
+            bad(format!(
+                "chunk {i} stored at {}+{} ends past 2^64",
+                c.stored_offset, c.stored_len
+            ))
+        })?;
     }
     Ok(stored_end)
 }

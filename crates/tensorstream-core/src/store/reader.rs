@@ -2,11 +2,10 @@
 //! checksum, every count, range and size are checked before the store is handed out.
 
 use super::format::{Header, Manifest, HEADER_LEN, MAX_MANIFEST_BYTES};
-use super::{align_up, CodedChunk, ExpectedChecksum, Extent, TensorSlot, UnitLayout, BLOCK};
+use super::{UnitLayout, BLOCK};
 use crate::error::{Error, Result};
+use crate::io::{open_regular, read_full};
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// A validated, read-only store.
@@ -22,7 +21,7 @@ impl Store {
     /// Open and validate the store at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = super::safetensors::open_regular(&path, "store")?;
+        let file = open_regular(&path, "store")?;
         let file_len = file
             .metadata()
             .map_err(|e| Error::io(&path, "stat", 0, 0, e))?
@@ -123,72 +122,6 @@ impl Store {
                 self.path.display()
             ))
         })?;
-        let (extents, chunks) = if u.is_coded() {
-            let chunks = u
-                .chunks
-                .iter()
-                .map(|c| CodedChunk {
-                    file: 0,
-                    file_offset: u.offset + c.stored_offset,
-                    stored_len: c.stored_len,
-                    dest_offset: c.raw_offset,
-                    raw_len: c.raw_len,
-                    mode: c.mode,
-                })
-                .collect();
-            (Vec::new(), chunks)
-        } else {
-            let extent = Extent {
-                file: 0,
-                file_offset: u.offset,
-                len: u.padded_length,
-                dest_offset: 0,
-            };
-            (vec![extent], Vec::new())
-        };
-        Ok(UnitLayout {
-            name: u.name.clone(),
-            files: vec![self.path.clone()],
-            extents,
-            chunks,
-            buffer_len: align_up(u.length, BLOCK),
-            tensors: u
-                .tensors
-                .iter()
-                .map(|t| TensorSlot {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    offset: t.offset,
-                    nbytes: t.nbytes,
-                })
-                .collect(),
-            checksum: Some(ExpectedChecksum {
-                value: u.checksum_value(),
-                covered: u.length,
-            }),
-        })
+        Ok(u.layout(&self.path))
     }
-}
-
-/// Read until `buf` is full or the file ends; returns the bytes read.
-pub(crate) fn read_full(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::io(
-                    path,
-                    "pread",
-                    offset + done as u64,
-                    (buf.len() - done) as u64,
-                    e,
-                ))
-            }
-        }
-    }
-    Ok(done)
 }

@@ -5,9 +5,9 @@
 
 use super::{align_down, align_up, DType, Extent, TensorSlot, UnitLayout, BLOCK};
 use crate::error::{Error, Result};
+use crate::io::{open_regular, read_full};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Largest safetensors header accepted, checked before it is read.
@@ -242,35 +242,6 @@ impl SafetensorsView {
     }
 }
 
-/// Open a file only if it is a regular file: a FIFO or device would block or never end.
-pub(crate) fn open_regular(path: &Path, kind: &'static str) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    // Opened non-blocking, so that a FIFO or a device does not hang the open, and the
-    // handle checked, not the path: nothing can be swapped in between check and use.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io(path, "open", 0, 0, e))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| Error::io(path, "stat", 0, 0, e))?;
-    if !meta.is_file() {
-        return Err(Error::format(kind, path, "not a regular file"));
-    }
-    // Regular files ignore O_NONBLOCK; clear it anyway, so the handle is an ordinary one.
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this function owns, with flags it read just before.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-        }
-    }
-    Ok(file)
-}
-
 /// Resolve a shard name from an index, refusing anything that leads outside `root`.
 fn contained_path(root: &Path, name: &str, index: &Path) -> Result<PathBuf> {
     let p = Path::new(name);
@@ -327,7 +298,7 @@ fn parse_file(path: &Path, file: usize) -> Result<Parsed> {
         .map_err(|e| Error::io(path, "stat", 0, 0, e))?
         .len();
     let mut head = [0u8; 8];
-    if super::reader::read_full(&f, path, 0, &mut head)? != 8 {
+    if read_full(&f, path, 0, &mut head)? != 8 {
         return Err(Error::format(
             KIND,
             path,
@@ -339,7 +310,7 @@ fn parse_file(path: &Path, file: usize) -> Result<Parsed> {
         return Err(Error::format(KIND, path, format!("header length {n} is larger than the limit ({MAX_HEADER_BYTES}) or the file ({file_len} bytes)")));
     }
     let mut json = vec![0u8; n as usize];
-    super::reader::read_full(&f, path, 8, &mut json)?;
+    read_full(&f, path, 8, &mut json)?;
     parse_header(path, file, file_len, &json)
 }
 
