@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
 
@@ -83,6 +83,23 @@ class _UnitApply(_RootApply):
         return self.module
 
 
+class _RefuseLoad:
+    """A load_state_dict pre-hook of a module owning streamed parameters: loading would
+    write them, and streamed weights are read-only."""
+
+    def __init__(self, attrs: list):
+        self.attrs = attrs
+
+    def __call__(self, module, state_dict, prefix, *_rest):
+        hit = [prefix + a for a in self.attrs if prefix + a in state_dict]
+        if hit:
+            raise TensorStreamError(
+                f"load_state_dict() would overwrite streamed weights ({hit[0]!r} and {len(hit) - 1} more): streamed "
+                "weights are read-only and live in the store. Load the weights into the model before "
+                "tensorstream.offload(), or save it with save_pretrained() and load that with from_pretrained()."
+            )
+
+
 def _check_dtype_unchanged(rt: Runtime, fn) -> None:
     rt.resolve()
     for unit in rt.units:
@@ -110,6 +127,12 @@ def install(model: nn.Module, runtime: Runtime) -> None:
         top._apply = _UnitApply(runtime, top)  # instance attribute shadows nn.Module._apply
     # The root checks a dtype change before anything moves, so a refused model.half()
     # leaves no module converted.
+    owners: dict = {}
+    for u in runtime.units:
+        for p in u.params:
+            owners.setdefault(id(p.module), (p.module, []))[1].append(p.attr)
+    for module, attrs in owners.values():
+        module._register_load_state_dict_pre_hook(_RefuseLoad(attrs), with_module=True)
     model._apply = _RootApply(runtime, model)
     model.forward = _PassForward(runtime, model.forward)
     model._tensorstream = runtime

@@ -396,7 +396,16 @@ fn min_budget_is_what_the_window_holds() {
     }
     // The running unit plus its prefetches: the largest units, not copies of the largest.
     let sizes = [10, 100, 5, 40];
-    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::None, PressureMode::Balanced), 100);
-    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::NextLayer, PressureMode::Balanced), 140);
-    assert_eq!(ResidencyPlanner::min_budget(&sizes, Plan::Adaptive, PressureMode::Aggressive), 150);
+    assert_eq!(
+        ResidencyPlanner::min_budget(&sizes, Plan::None, PressureMode::Balanced),
+        100
+    );
+    assert_eq!(
+        ResidencyPlanner::min_budget(&sizes, Plan::NextLayer, PressureMode::Balanced),
+        140
+    );
+    assert_eq!(
+        ResidencyPlanner::min_budget(&sizes, Plan::Adaptive, PressureMode::Aggressive),
+        150
+    );
 }

@@ -1,0 +1,261 @@
+"""An offloaded model behaves like any PyTorch module, on every CPU transfer path and for
+models from offload() and from from_pretrained():
+
+- state_dict() gives the real weights (never a placeholder); torch.save/torch.load round-trips;
+  save_pretrained() writes a checkpoint that transformers reloads with identical outputs;
+- a streamed weight read outside a forward gives its real values; a write raises;
+- two or more threads calling generate() on one model each get the reference's tokens;
+- after os.fork() the child runs forwards with identical outputs (no hang);
+- training: a forward that would train streamed weights raises TensorStreamError before
+  computing; a frozen streamed base with peft LoRA adapters trains with the reference's
+  gradients and updates;
+- copy.deepcopy gives a working copy sharing the store; pickling raises TensorStreamError.
+
+The exception sweep (an exception at every line of the hook and transfer code) is in
+test_interrupts.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, budget_gb, input_ids, logits_and_tokens, tiny_llama
+
+import tensorstream as ts
+from tensorstream.errors import TensorStreamError
+
+HERE = Path(__file__).resolve().parent
+
+
+def offloaded(tmp_path, backend: str, k: float = 2.5, seed: int = 0, **kw):
+    """(reference, offloaded copy of the same weights) at a budget that streams units."""
+    ref = tiny_llama(tied=False, seed=seed)
+    model = tiny_llama(tied=False, seed=seed)
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(model, k), backend=backend, **kw)
+    return ref, ts.offload(model, cfg)
+
+
+def pretrained(tmp_path, backend: str, k: float = 2.5, seed: int = 0):
+    """(reference, the same checkpoint loaded through tensorstream.from_pretrained)."""
+    ref = tiny_llama(tied=False, seed=seed)
+    ref.save_pretrained(tmp_path / "ckpt")
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, k), backend=backend)
+    return ref, ts.from_pretrained(str(tmp_path / "ckpt"), cfg)
+
+
+BUILDERS = {"offload": offloaded, "from_pretrained": pretrained}
+
+
+def _assert_streams(model) -> None:
+    s = ts.get_model_statistics(model)
+    assert s["resident_layers"] < s["units"] or s["forward_passes"] == 0
+
+
+# ------------------------------------------------------------------ state_dict and saving
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_state_dict_is_the_real_weights_and_round_trips(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend)
+    ids = input_ids()
+    with torch.no_grad():
+        model(ids)  # some units resident, some not
+    _assert_streams(model)
+    want = ref.state_dict()
+    got = model.state_dict()
+    assert list(got) == list(want)
+    for k, v in got.items():
+        assert 0 not in v.stride() or v.numel() <= 1, f"{k} is a placeholder"
+        assert torch.equal(v, want[k]), k
+    buf = io.BytesIO()
+    torch.save(got, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_save_pretrained_reloads_with_identical_outputs(tmp_path, backend, how):
+    from transformers import AutoModelForCausalLM
+
+    ref, model = BUILDERS[how](tmp_path, backend)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref(ids).logits)
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        model(ids)
+    for layer in (0, 3):
+        w = model.model.layers[layer].mlp.up_proj.weight
+        r = ref.model.layers[layer].mlp.up_proj.weight
+        assert torch.equal(w.sum(), r.sum())
+        assert torch.equal(w.data, r.data)
+        assert torch.equal(w.detach().clone(), r.detach())
+        assert w.shape == r.shape and w.dtype == r.dtype
+        with torch.no_grad(), pytest.raises(TensorStreamError, match="read-only"):
+            w.mul_(2)
+    with pytest.raises(TensorStreamError, match="read-only"):
+        model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+# ------------------------------------------------------------------ threads and fork
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_threads_generating_on_one_model_each_get_the_reference(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend, k=2.2)
+    prompts = [input_ids(seed=s) for s in range(4)]
+    expected = [logits_and_tokens(ref, p)[1] for p in prompts]
+    results: dict = {}
+
+    def run(j):
+        try:
+            results[j] = logits_and_tokens(model, prompts[j])[1]
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            results[j] = e
+
+    for _trial in range(2):
+        threads = [threading.Thread(target=run, args=(j,)) for j in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a generate() did not finish"
+        for j, want in enumerate(expected):
+            assert not isinstance(results[j], BaseException), repr(results[j])
+            assert torch.equal(results[j], want)
+
+
+FORK_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_llama, budget_gb, input_ids
+import tensorstream as ts
+ref = tiny_llama(tied=False)
+model = ts.offload(tiny_llama(tied=False), ts.Config(sys.argv[2], vram_budget_gb=budget_gb(ref, 2.5), backend=sys.argv[3]))
+ids = input_ids()
+with torch.no_grad():
+    want = ref(ids).logits
+    assert torch.equal(model(ids).logits, want)  # the parent's workers have run
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        torch.set_num_threads(1)
+        ok = all(torch.equal(model(ids).logits, want) for _ in range(3))
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1", f"child gave different logits ({got!r})"
+    assert torch.equal(model(ids).logits, want)  # the parent still works
+print("FORK-OK")
+"""
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forked_child_runs_forwards_with_identical_outputs(tmp_path, backend):
+    p = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(HERE), str(tmp_path), backend],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "FORK-OK" in p.stdout, p.stdout + p.stderr
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_training_streamed_weights_is_refused_before_computing(tmp_path, backend):
+    _ref, model = offloaded(tmp_path, backend)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = ts.get_model_statistics(model)["accesses"]
+    with pytest.raises(TensorStreamError, match="read-only.*requires_grad_\\(False\\)"):
+        model(input_ids())
+    assert ts.get_model_statistics(model)["accesses"] == before
+    with torch.no_grad():  # inference is still fine
+        model(input_ids())
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lora_on_a_frozen_streamed_base_trains_like_the_reference(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    ref, model = _lora(ref), _lora(model)
+    ids = input_ids(length=12)
+    grads, logits = [], []
+    for m in (ref, model):
+        m.train()
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+        opt.step()
+        m.eval()
+        with torch.no_grad():
+            logits.append(m(input_ids=ids).logits)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+    assert torch.equal(logits[0], logits[1])
+
+
+# ------------------------------------------------------------------ copies
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deepcopy_works_and_shares_the_store_pickle_refuses(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend)
+    ids = input_ids()
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    twin = copy.deepcopy(model)
+    assert twin._tensorstream is not model._tensorstream
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, want)
+        assert torch.equal(model(ids).logits, want)
+    assert ts.get_model_statistics(twin)["store_path"] == ts.get_model_statistics(model)["store_path"]
+    assert torch.equal(twin.model.layers[2].mlp.down_proj.weight, ref.model.layers[2].mlp.down_proj.weight)
+    with pytest.raises(TensorStreamError, match="cannot be pickled"):
+        pickle.dumps(model)
+    with pytest.raises(TensorStreamError, match="cannot be pickled"):
+        torch.save(model, io.BytesIO())
+    del model  # the copy keeps working on its own
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, want)
+    assert os.path.exists(ts.get_model_statistics(twin)["store_path"])
