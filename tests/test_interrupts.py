@@ -1,0 +1,109 @@
+"""An exception at any point inside the hooks leaves the model consistent.
+
+For each CPU transfer path, one forward is traced (sys.settrace) to list every line of the
+runtime, module, placement and transfer code it runs. Then, for each of those lines in
+turn, a forward raises KeyboardInterrupt the first time that line runs. After each:
+
+- the interrupt reached the caller (it is not swallowed);
+- the next forward gives logits identical to the un-offloaded model's;
+- the planner's bytes and the transfer's held bytes are back where they were before;
+- the peak stays within the budget.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS, budget_gb, input_ids, tiny_llama
+
+import tensorstream as ts
+
+PKG = Path(ts.__file__).resolve().parent
+TRACED = {
+    str(PKG / f)
+    for f in (
+        "runtime.py",
+        "module.py",
+        "placement.py",
+        "transfer/base.py",
+        "transfer/mmap.py",
+        "transfer/pread.py",
+    )
+}
+
+
+class Injector:
+    """With no target, records each traced line the first time it runs; with a target,
+    raises KeyboardInterrupt the first time that line runs."""
+
+    def __init__(self, target=None):
+        self.target = target
+        self.lines: list = []
+        self._seen: set = set()
+        self.fired = False
+
+    def __enter__(self):
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc):
+        sys.settrace(None)
+        return False
+
+    def _call(self, frame, event, arg):
+        return self._line if frame.f_code.co_filename in TRACED else None
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            key = (frame.f_code.co_filename, frame.f_lineno)
+            if self.target is None:
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.lines.append(key)
+            elif not self.fired and key == self.target:
+                self.fired = True
+                raise KeyboardInterrupt(f"injected at {Path(key[0]).name}:{key[1]}")
+        return self._line
+
+
+def _accounting(model) -> tuple:
+    rt = model._tensorstream
+    return rt.planner.stats()["used"], rt.held_bytes()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(tmp_path, backend):
+    ref = tiny_llama(tied=False, seed=3)
+    model = ts.offload(
+        tiny_llama(tied=False, seed=3),
+        ts.Config(tmp_path, vram_budget_gb=budget_gb(ref, 2.5), backend=backend),
+    )
+    ids = input_ids(seed=7)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for _ in range(2):  # ADAPTIVE learns its order in the first pass
+            assert torch.equal(model(ids).logits, expected)
+        before = _accounting(model)
+        with Injector() as rec:
+            assert torch.equal(model(ids).logits, expected)
+        assert len(rec.lines) > 50, f"only {len(rec.lines)} lines traced"
+        interrupted = 0
+        for line in rec.lines:
+            try:
+                with Injector(line) as inj:
+                    out = model(ids).logits
+            except KeyboardInterrupt:
+                interrupted += 1
+            else:
+                assert not inj.fired, f"{line}: the interrupt was swallowed"
+                assert torch.equal(out, expected), f"{line}: not reached, and yet different logits"
+            out = model(ids).logits
+            where = f"{Path(line[0]).name}:{line[1]}"
+            assert torch.equal(out, expected), f"interrupt at {where}: the next forward differs"
+            assert _accounting(model) == before, f"interrupt at {where}: accounting {_accounting(model)} != {before}"
+    assert interrupted >= len(rec.lines) * 0.9, f"{interrupted} of {len(rec.lines)} lines were interrupted"
+    s = ts.get_model_statistics(model)
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
