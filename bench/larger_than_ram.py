@@ -88,7 +88,7 @@ def odirect_bandwidth(ckpt: str) -> float:
     tensors = view.tensors()
     layers = sorted({int(n.split(".")[2]) for n in tensors if n.startswith("model.layers.")})[:4]
     drop_caches([ckpt])
-    engine = _core.Engine("pread_direct", 4)
+    engine = _core.Engine("pread", 4)
     total, t0 = 0, time.perf_counter()
     for k in layers:
         lay = view.layout(f"l{k}", [n for n in tensors if n.startswith(f"model.layers.{k}.")])

@@ -199,3 +199,12 @@ def _no_pressure_callback():
 @pytest.fixture
 def ids() -> torch.Tensor:
     return input_ids()
+
+
+@pytest.fixture
+def fault_injection(monkeypatch):
+    """Models offloaded in the test get engines whose reads can be made to fail on purpose
+    (``model._tensorstream.engine.set_fault_plan(...)``); production engines cannot."""
+    from tensorstream import runtime
+
+    monkeypatch.setattr(runtime, "make_engine", ts._core.Engine.with_faults)

@@ -28,6 +28,7 @@ from conftest import ALL_STRATEGIES, budget_gb, input_ids, tiny_llama
 
 import tensorstream as ts
 
+pytestmark = pytest.mark.usefixtures("fault_injection")
 STORE = "LlamaForCausalLM.tstore"
 FORWARD_TIMEOUT = 30.0
 

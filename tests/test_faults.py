@@ -13,6 +13,7 @@ from conftest import ALL_STRATEGIES, budget_gb, input_ids, offload, tiny_llama
 
 import tensorstream as ts
 
+pytestmark = pytest.mark.usefixtures("fault_injection")
 STORE = "LlamaForCausalLM.tstore"
 
 

@@ -103,7 +103,9 @@ def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(tmp_pa
             out = model(ids).logits
             where = f"{Path(line[0]).name}:{line[1]}"
             assert torch.equal(out, expected), f"interrupt at {where}: the next forward differs"
-            assert _accounting(model) == before, f"interrupt at {where}: accounting {_accounting(model)} != {before}"
+            assert _accounting(model) == before, (
+                f"interrupt at {where}: accounting {_accounting(model)} != {before}"
+            )
     assert interrupted >= len(rec.lines) * 0.9, f"{interrupted} of {len(rec.lines)} lines were interrupted"
     s = ts.get_model_statistics(model)
     assert s["peak_usage_bytes"] <= s["budget_bytes"]

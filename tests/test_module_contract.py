@@ -206,7 +206,9 @@ def _lora(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(5)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+    )
     return get_peft_model(model, cfg)
 
 

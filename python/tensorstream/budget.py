@@ -42,7 +42,9 @@ def default_budget(device: torch.device) -> int:
         return int(torch.cuda.mem_get_info(device)[0] * 0.8)
     if device.type == "cpu":
         return max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
-    raise InvalidArgumentError(f"device {device} is not supported; TensorStream streams to CPU or CUDA devices")
+    raise InvalidArgumentError(
+        f"device {device} is not supported; TensorStream streams to CPU or CUDA devices"
+    )
 
 
 def window_bytes(sizes: list, config: Config) -> int:

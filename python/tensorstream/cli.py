@@ -177,7 +177,7 @@ def inspect(args) -> int:
     raw, stored = store.raw_bytes, store.stored_bytes
     ratio = raw / max(stored, 1)
     print(f"  units: {raw / 1e9:.3f} GB raw, {stored / 1e9:.3f} GB on disk, compression ratio {ratio:.3f}")
-    engine = _core.Engine("pread_direct", 4) if not args.no_verify else None
+    engine = _core.Engine("pread", 4) if not args.no_verify else None
     print("\n| unit | offset | bytes | stored | ratio | tensors | dtypes | codec | checksum |")
     print("|---|---|---|---|---|---|---|---|---|")
     bad = 0

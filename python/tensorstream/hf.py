@@ -132,7 +132,7 @@ def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set)
             ck = _checkpoint_name(model, full, available)
             todo.append((mod, attr, full, ck, t))
             if ck is not None:
-                by_file.setdefault(available[ck][2], []).append(ck)
+                by_file.setdefault(available[ck].file, []).append(ck)
     missing = []
     loaded: dict = {}
     for file, names in by_file.items():
@@ -268,7 +268,7 @@ def convert(
     if out.is_dir() or not out.suffix:
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"{type(model).__name__}.tstore"
-    total = sum(ckpt.tensors[n][4] for u in units for p in u.params for n in p.source_names)
+    total = sum(ckpt.tensors[n].nbytes for u in units for p in u.params for n in p.source_names)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -288,7 +288,7 @@ def convert(
             for p in u.params:
                 pieces = []
                 for src in p.source_names:
-                    file = ckpt.tensors[src][2]
+                    file = ckpt.tensors[src].file
                     f = handles.get(file)
                     if f is None:
                         handles.clear()  # one shard open at a time keeps the mapping small
@@ -302,7 +302,7 @@ def convert(
                 digest = _core.checksum(t.data_ptr(), nbytes)
                 fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
                 if bar:
-                    bar.update(sum(ckpt.tensors[n][4] for n in p.source_names))
+                    bar.update(sum(ckpt.tensors[n].nbytes for n in p.source_names))
                 del t
             writer.end_unit()
         handles.clear()

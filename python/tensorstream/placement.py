@@ -51,14 +51,15 @@ class ParamSlot:
 
 def _param_slots(unit, layout, path: str) -> tuple:
     """(the unit's ParamSlots, its buffer size)."""
-    by_name = {t[0]: t for t in layout.tensors}
+    by_name = {t.name: t for t in layout.tensors}
     slots, tail = [], layout.buffer_len
     for p in unit.params:
         parts, numel, shape = [], 0, ()
         for name in p.source_names:
-            _n, st_dtype, shape, off, nbytes = by_name[name]
-            parts.append(Part(name, ST_TO_TORCH[st_dtype], off, nbytes))
-            numel += _numel(shape)
+            t = by_name[name]
+            parts.append(Part(name, ST_TO_TORCH[t.dtype], t.offset, t.nbytes))
+            numel += _numel(t.shape)
+            shape = t.shape
         if (len(parts) == 1 and tuple(shape) != tuple(p.shape)) or numel != _numel(p.shape):
             raise StoreMismatchError(
                 f"{path}: tensor {p.store_name!r} of unit {unit.name!r} has shape {tuple(shape)}, "

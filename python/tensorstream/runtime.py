@@ -33,7 +33,8 @@ from .units import ParamRef, UnitSpec
 
 log = logging.getLogger("tensorstream")
 
-Access = namedtuple("Access", "hit prefetched load evict prefetch pressure")
+make_engine = _core.Engine
+"""Makes the runtime's engines; tests swap in ``_core.Engine.with_faults`` to inject faults."""
 
 _RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 _FORK_LEFTOVERS: list = []  # engines and tickets of the parent: never dropped in a child
@@ -119,7 +120,7 @@ class Runtime:
         engine = self._engines.get(backend)
         if engine is None:
             cfg = self.config
-            engine = _core.Engine(backend, cfg.num_io_threads, cfg.chunk_mb << 20)
+            engine = make_engine(backend, cfg.num_io_threads, cfg.chunk_mb << 20)
             if self._forked_paths:
                 engine.preopen([f"/proc/self/fd/{self.source.fds[f]}" for f in self.source.files])
             else:
@@ -210,7 +211,7 @@ class Runtime:
         if torch.is_grad_enabled():
             self._check_frozen(i)
         c = self.counters
-        acc = Access(*self.planner.access(i))
+        acc = self.planner.access(i)
         c.accesses += 1
         c.hits += acc.hit
         c.prefetch_hits += acc.prefetched
@@ -218,7 +219,7 @@ class Runtime:
         log.debug("access %s: %s", self.units[i].name, acc)
         for v in acc.evict:
             self._evict(v)
-        if acc.pressure:
+        if acc.pressure_evicted_bytes:
             notify_pressure(lambda: self._pressure_event(i, acc.evict))
         tr = self.transfer
         if acc.load:
@@ -356,7 +357,13 @@ class Runtime:
         new.__dict__.update(
             _lock=threading.RLock(),
             _depth=0,
-            _pending=(copy.deepcopy(self.model, memo), spec, self.source, copy.deepcopy(self.config, memo), self.device)
+            _pending=(
+                copy.deepcopy(self.model, memo),
+                spec,
+                self.source,
+                copy.deepcopy(self.config, memo),
+                self.device,
+            ),
         )
         _RUNTIMES.add(new)
         return new
@@ -370,9 +377,7 @@ class Runtime:
         mods = dict(model.named_modules(remove_duplicate=False))
         units = []
         for idx, (name, paths, params) in enumerate(spec):
-            refs = [
-                ParamRef(mods[mp], p.attr, p.store_name, p.dtype, p.shape, p.sources) for mp, p in params
-            ]
+            refs = [ParamRef(mods[mp], p.attr, p.store_name, p.dtype, p.shape, p.sources) for mp, p in params]
             units.append(UnitSpec(index=idx, name=name, modules=[mods[m] for m in paths], params=refs))
         Runtime.__init__(self, model, units, source, config, device)
         self.placement.adopt(self)

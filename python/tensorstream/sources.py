@@ -36,7 +36,7 @@ class StoreSource:
         self.path = store.path
         self.files = [store.path]
         self.file_len = store.file_len
-        self.unit_offsets = {name: off for (name, off, *_rest) in store.units()}
+        self.unit_offsets = {u.name: u.offset for u in store.units()}
         self.raw_bytes = store.raw_bytes
         self.stored_bytes = store.stored_bytes
         self.compressed = store.coded_units > 0
@@ -59,7 +59,9 @@ class StoreSource:
         for u in units:
             i = self.store.unit_index(u.name)
             if i is None:
-                raise StoreMismatchError(f"store {self.path} has no unit {u.name!r}; it was written for another model")
+                raise StoreMismatchError(
+                    f"store {self.path} has no unit {u.name!r}; it was written for another model"
+                )
             out.append(self.store.layout(i))
         return out
 
@@ -91,5 +93,5 @@ class CheckpointSource:
 
     def span(self, unit: str, part) -> Optional[tuple]:
         """(fd, file offset) of a stored tensor's bytes."""
-        _dtype, _shape, file, offset, _nbytes = self.tensors[part.name]
-        return self.fds[file], offset
+        t = self.tensors[part.name]
+        return self.fds[t.file], t.offset

@@ -20,8 +20,8 @@ fn any_range_into_any_alignment_reads_back() {
     let direct = Arc::new(PreadBackend::new(true));
     let others: Vec<(&str, Arc<dyn ReadBackend>)> = vec![
         ("mmap", Arc::new(MmapBackend::new())),
-        ("pread", Arc::new(PreadBackend::new(false))),
-        ("pread+odirect", direct.clone()),
+        ("pread-buffered", Arc::new(PreadBackend::new(false))),
+        ("pread", direct.clone()),
     ];
     let strategy = (0..len, 0..20_000usize, any::<bool>(), 0..4096usize);
     runner(256)
@@ -39,7 +39,7 @@ fn any_range_into_any_alignment_reads_back() {
                     buf[shift..] == data[offset..offset + n],
                     "{name}: {n} bytes at {offset} into +{shift}"
                 );
-                if *name == "pread+odirect" && congruent && n >= 4096 {
+                if *name == "pread" && congruent && n >= 4096 {
                     let s = direct.stats();
                     if s.direct_refused_files == 0 {
                         prop_assert_eq!(s.buffered_fallback_bytes, before, "direct path taken");
@@ -58,8 +58,8 @@ fn reads_past_the_end_fail_with_unexpected_eof() {
     std::fs::write(&path, bytes(1, 10_000)).unwrap();
     let backends: Vec<(&str, Arc<dyn ReadBackend>)> = vec![
         ("mmap", Arc::new(MmapBackend::new())),
-        ("pread", Arc::new(PreadBackend::new(false))),
-        ("pread+odirect", Arc::new(PreadBackend::new(true))),
+        ("pread-buffered", Arc::new(PreadBackend::new(false))),
+        ("pread", Arc::new(PreadBackend::new(true))),
     ];
     for (name, b) in &backends {
         for (offset, n) in [

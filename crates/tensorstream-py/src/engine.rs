@@ -14,7 +14,35 @@ use tensorstream_core::{Engine, EngineConfig, Priority, Ticket};
 #[pyclass(name = "Engine", module = "tensorstream._core", frozen)]
 pub struct PyEngine {
     engine: Arc<Engine>,
-    faults: Arc<FaultyBackend<Arc<dyn ReadBackend>>>,
+    /// Set only for engines made by `Engine.with_faults` (tests).
+    faults: Option<Arc<FaultyBackend<Arc<dyn ReadBackend>>>>,
+}
+
+/// The read backend named `name`, in the vocabulary of `tensorstream.BackendType`: "mmap",
+/// "pread" (O_DIRECT, buffered where the filesystem refuses it) or "pread-buffered".
+fn read_backend(name: &str) -> PyResult<Arc<dyn ReadBackend>> {
+    Ok(match name {
+        "mmap" => Arc::new(MmapBackend::new()),
+        "pread" => Arc::new(PreadBackend::new(true)),
+        "pread-buffered" => Arc::new(PreadBackend::new(false)),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown engine backend '{other}' (known: mmap, pread, pread-buffered)"
+            )))
+        }
+    })
+}
+
+fn start(
+    backend: Arc<dyn ReadBackend>,
+    num_threads: usize,
+    chunk_bytes: u64,
+) -> PyResult<Arc<Engine>> {
+    let cfg = EngineConfig {
+        num_threads,
+        chunk_bytes,
+    };
+    Ok(Arc::new(Engine::new(backend, cfg).py()?))
 }
 
 /// One submitted request. Holds the destination buffer alive until the request is finished;
@@ -59,37 +87,29 @@ fn priority(demand: bool) -> Priority {
 
 #[pymethods]
 impl PyEngine {
-    /// `backend` is "mmap", "pread" (buffered) or "pread_direct" (O_DIRECT).
+    /// An engine reading with `backend`: "mmap", "pread" (O_DIRECT) or "pread-buffered".
     #[new]
     #[pyo3(signature = (backend, num_threads=4, chunk_bytes=8 << 20))]
     fn new(backend: &str, num_threads: usize, chunk_bytes: u64) -> PyResult<Self> {
-        let inner: Arc<dyn ReadBackend> = match backend {
-            "mmap" => Arc::new(MmapBackend::new()),
-            "pread" => Arc::new(PreadBackend::new(false)),
-            "pread_direct" => Arc::new(PreadBackend::new(true)),
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown engine backend '{other}' (known: mmap, pread, pread_direct)"
-                )))
-            }
-        };
-        let faults = Arc::new(FaultyBackend::new(inner));
-        let as_backend: Arc<dyn ReadBackend> = faults.clone();
-        let engine = Engine::new(
-            as_backend,
-            EngineConfig {
-                num_threads,
-                chunk_bytes,
-            },
-        )
-        .py()?;
         Ok(PyEngine {
-            engine: Arc::new(engine),
-            faults,
+            engine: start(read_backend(backend)?, num_threads, chunk_bytes)?,
+            faults: None,
         })
     }
 
-    /// The backend in use ("mmap", "pread+odirect", ...).
+    /// An engine whose reads can be made to fail on purpose (`set_fault_plan`), for tests.
+    #[staticmethod]
+    #[pyo3(signature = (backend, num_threads=4, chunk_bytes=8 << 20))]
+    fn with_faults(backend: &str, num_threads: usize, chunk_bytes: u64) -> PyResult<Self> {
+        let faults = Arc::new(FaultyBackend::new(read_backend(backend)?));
+        let as_backend: Arc<dyn ReadBackend> = faults.clone();
+        Ok(PyEngine {
+            engine: start(as_backend, num_threads, chunk_bytes)?,
+            faults: Some(faults),
+        })
+    }
+
+    /// The backend in use ("mmap", "pread", "pread-buffered").
     #[getter]
     fn backend_name(&self) -> String {
         self.engine.backend_name()
@@ -194,13 +214,17 @@ impl PyEngine {
         fail_from: Option<u64>,
         short_read: Option<u64>,
         delay_ms: Option<u64>,
-    ) {
-        self.faults.set_plan(FaultPlan {
+    ) -> PyResult<()> {
+        let faults = self.faults.as_ref().ok_or_else(|| {
+            PyValueError::new_err("this engine injects no faults; make it with Engine.with_faults")
+        })?;
+        faults.set_plan(FaultPlan {
             fail_read,
             fail_from,
             short_read,
             delay: delay_ms.map(Duration::from_millis),
         });
+        Ok(())
     }
 
     /// Open these files now and keep them open: reads then see these files even if their

@@ -5,6 +5,7 @@ mod engine;
 mod errors;
 mod planner;
 mod store;
+mod types;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<planner::PyPlanner>()?;
     m.add_function(wrap_pyfunction!(store::checksum, m)?)?;
     m.add_function(wrap_pyfunction!(engine::drop_page_cache, m)?)?;
+    for record in types::ALL {
+        record.register(m)?;
+    }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

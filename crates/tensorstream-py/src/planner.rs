@@ -1,6 +1,7 @@
 //! The residency planner.
 
 use crate::errors::IntoPyResult;
+use crate::types::ACCESS;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -34,8 +35,6 @@ pub struct PyPlanner {
     inner: ResidencyPlanner,
     budget: u64,
 }
-
-type AccessTuple = (bool, bool, bool, Vec<u32>, Vec<u32>, u64);
 
 #[pymethods]
 impl PyPlanner {
@@ -71,17 +70,19 @@ impl PyPlanner {
         self.inner.begin_pass();
     }
 
-    /// (hit, prefetched, load, evict, prefetch, pressure_evicted_bytes)
-    fn access(&mut self, unit: u32) -> PyResult<AccessTuple> {
+    /// Access(hit, prefetched, load, evict, prefetch, pressure_evicted_bytes): what an
+    /// access to `unit`, about to run, needs done.
+    fn access<'py>(&mut self, py: Python<'py>, unit: u32) -> PyResult<Bound<'py, PyAny>> {
         let a = self.inner.access(unit).py()?;
-        Ok((
+        let answer = (
             a.hit,
             a.prefetched,
             a.load,
             a.evict,
             a.prefetch,
             a.pressure_evicted_bytes,
-        ))
+        );
+        ACCESS.make(py, answer)
     }
 
     /// Units to evict now that `unit` has run.

@@ -1,6 +1,7 @@
 //! Store writer, store reader and safetensors view.
 
 use crate::errors::IntoPyResult;
+use crate::types::{CHECKPOINT_TENSOR, EXTENT, TENSOR, UNIT, UNIT_CODEC};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -47,36 +48,33 @@ impl PyLayout {
     fn num_chunks(&self) -> usize {
         self.inner.chunks.len()
     }
-    /// (file, offset, length, dest_offset) of each extent.
+    /// Extent(file, file_offset, length, dest_offset) of each file range read.
     #[getter]
-    fn extents(&self) -> Vec<(String, u64, u64, u64)> {
+    fn extents<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
             .extents
             .iter()
             .map(|e| {
-                (
-                    self.inner.files[e.file].to_string_lossy().into_owned(),
-                    e.file_offset,
-                    e.len,
-                    e.dest_offset,
-                )
+                let file = self.inner.files[e.file].to_string_lossy().into_owned();
+                EXTENT.make(py, (file, e.file_offset, e.len, e.dest_offset))
             })
             .collect()
     }
-    /// (name, dtype, shape, offset, nbytes) of each tensor.
+    /// TensorEntry(name, dtype, shape, offset, nbytes) of each tensor, offsets in the buffer.
     #[getter]
-    fn tensors(&self) -> Vec<(String, String, Vec<u64>, u64, u64)> {
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
             .tensors
             .iter()
             .map(|t| {
-                (
+                let entry = (
                     t.name.clone(),
                     t.dtype.name().to_string(),
                     t.shape.clone(),
                     t.offset,
                     t.nbytes,
-                )
+                );
+                TENSOR.make(py, entry)
             })
             .collect()
     }
@@ -304,38 +302,40 @@ impl PyStore {
             .map(|u| u.name.clone())
             .collect()
     }
-    /// (name, offset, length, padded_length, codec, checksum) of each unit.
-    fn units(&self) -> Vec<(String, u64, u64, u64, String, String)> {
+    /// UnitEntry(name, offset, length, padded_length, codec, checksum) of each unit.
+    fn units<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
             .manifest()
             .units
             .iter()
             .map(|u| {
-                (
+                let entry = (
                     u.name.clone(),
                     u.offset,
                     u.length,
                     u.padded_length,
                     u.codec.clone(),
                     u.checksum.clone(),
-                )
+                );
+                UNIT.make(py, entry)
             })
             .collect()
     }
-    /// (name, codec, raw length, stored length, chunks) of each unit.
-    fn unit_codecs(&self) -> Vec<(String, String, u64, u64, usize)> {
+    /// UnitCodec(name, codec, raw_length, stored_length, chunks) of each unit.
+    fn unit_codecs<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
             .manifest()
             .units
             .iter()
             .map(|u| {
-                (
+                let entry = (
                     u.name.clone(),
                     u.codec.clone(),
                     u.length,
                     u.stored_length(),
                     u.chunks.len(),
-                )
+                );
+                UNIT_CODEC.make(py, entry)
             })
             .collect()
     }
@@ -390,15 +390,13 @@ impl PySafetensorsView {
             inner: py.detach(|| SafetensorsView::open(path)).py()?,
         })
     }
-    /// name -> (dtype, shape, file, offset, nbytes)
+    /// name -> CheckpointTensor(dtype, shape, file, offset, nbytes), offset absolute in the file.
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (name, t) in self.inner.tensors() {
             let file = self.inner.files()[t.file].to_string_lossy().into_owned();
-            d.set_item(
-                name,
-                (t.dtype.name(), t.shape.clone(), file, t.offset, t.nbytes),
-            )?;
+            let entry = (t.dtype.name(), t.shape.clone(), file, t.offset, t.nbytes);
+            d.set_item(name, CHECKPOINT_TENSOR.make(py, entry)?)?;
         }
         Ok(d)
     }

@@ -25,7 +25,8 @@ class PathChoice:
     kind: str
     """``cpu-mmap``, ``cpu-pread`` or ``cuda``."""
     engine_backend: str
-    """``mmap`` (reads through the page cache) or ``pread_direct`` (O_DIRECT)."""
+    """The engine's read backend, named as BackendType names it: ``mmap`` (reads through the
+    page cache) or ``pread`` (O_DIRECT)."""
     fallback: Optional[str] = None
     """Why the path differs from the one asked for (warned and listed in the statistics)."""
     fallback_if_run: Optional[str] = None
@@ -46,7 +47,7 @@ def select_path(
     `store_bytes` its size; `gds_unavailable` is why GPUDirect Storage cannot run here (from
     the probe), when it was asked for."""
     requested = config.backend
-    engine_backend = "mmap" if requested == BackendType.MMAP else "pread_direct"
+    engine_backend = "mmap" if requested == BackendType.MMAP else "pread"
     if device.type == "cuda":
         fallback = None
         if requested == BackendType.GPUDIRECT:

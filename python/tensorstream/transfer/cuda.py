@@ -41,7 +41,9 @@ class StagingRing:
                 break
             self.waits += 1
             self.events[pending[0]].synchronize()
-        raise TensorStreamError("staging ring exhausted: every pinned staging buffer holds a read in progress")
+        raise TensorStreamError(
+            "staging ring exhausted: every pinned staging buffer holds a read in progress"
+        )
 
     def release(self, i: int, event=None) -> None:
         self.busy[i] = False

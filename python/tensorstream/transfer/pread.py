@@ -20,4 +20,5 @@ class PreadTransfer(PooledTransfer):
         return self._bind_args(i)
 
     def describe(self) -> str:
-        return self.engine.backend_name
+        name = self.engine.backend_name
+        return "pread (O_DIRECT)" if name == "pread" else name

@@ -32,7 +32,7 @@ pub struct BackendStats {
 
 /// A way of reading file ranges into caller memory.
 pub trait ReadBackend: Send + Sync {
-    /// Short name shown in statistics ("mmap", "pread+odirect", ...).
+    /// Short name shown in statistics ("mmap", "pread" (O_DIRECT), "pread-buffered").
     fn name(&self) -> String;
 
     /// Fill `dst` with the bytes of `path` starting at `offset`.

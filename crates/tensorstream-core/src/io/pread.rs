@@ -113,9 +113,9 @@ fn bounce_read(direct: &File, path: &Path, offset: u64, dst: &mut [u8]) -> Resul
 impl ReadBackend for PreadBackend {
     fn name(&self) -> String {
         if self.use_direct {
-            "pread+odirect".into()
-        } else {
             "pread".into()
+        } else {
+            "pread-buffered".into()
         }
     }
 

@@ -131,7 +131,7 @@ pub fn small_units() -> Vec<UnitData> {
 pub fn backends() -> Vec<(&'static str, Arc<dyn ReadBackend>)> {
     vec![
         ("mmap", Arc::new(MmapBackend::new()) as Arc<dyn ReadBackend>),
-        ("pread+odirect", Arc::new(PreadBackend::new(true))),
+        ("pread", Arc::new(PreadBackend::new(true))),
     ]
 }
 
