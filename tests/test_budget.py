@@ -176,3 +176,67 @@ def test_modules_that_do_not_fit_beside_the_window_are_streamed_too(tmp_path):
         if tied:  # one unit for the tied embedding and head
             assert any("embed_tokens" in n and "lm_head" in n for n in names), names
         assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def tiny_albert(seed: int = 0):
+    """A tiny ALBERT: one shared layer group, run four times per forward, holds most of the
+    model's bytes."""
+    from transformers import AlbertConfig, AlbertModel
+
+    cfg = AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_hidden_groups=1,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    return AlbertModel(cfg).eval()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("strategy", "mode"), list(WINDOW))
+def test_one_shared_block_streams_at_the_models_own_size(tmp_path, backend, strategy, mode):
+    # The window holds the one shared block once, not twice: a budget of the model's own
+    # bytes works (it was refused below 126% when the minimum was two copies of the block).
+    ref, model = tiny_albert(), tiny_albert()
+    block = param_bytes(model.encoder.albert_layer_groups[0])
+    assert block > 0.7 * ts.estimate_model_memory(model)
+    model = offload(
+        model,
+        tmp_path,
+        vram_budget_gb=ts.estimate_model_memory(model) / GiB,
+        units=["AlbertLayerGroup"],
+        backend=backend,
+        prefetch_strategy=strategy,
+        memory_pressure_mode=mode,
+    )
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+    p = ts.get_model_statistics(model)["planner"]
+    assert p["hits"][0] + p["prefetch_hits"][0] + p["misses"][0] == 8  # the block, four times a forward
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("strategy", "mode"), list(WINDOW))
+def test_a_budget_of_the_whole_model_is_never_refused(tmp_path, backend, strategy, mode):
+    ids = input_ids(length=5, seed=33)
+    ref, model = tiny_llama(tied=False, seed=4), tiny_llama(tied=False, seed=4)
+    total = ts.estimate_model_memory(model)
+    model = offload(
+        model,
+        tmp_path,
+        vram_budget_gb=total / GiB,
+        backend=backend,
+        prefetch_strategy=strategy,
+        memory_pressure_mode=mode,
+    )
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert ts.get_model_statistics(model)["misses"] <= ts.get_model_statistics(model)["units"]

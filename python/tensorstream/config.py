@@ -46,7 +46,7 @@ class PrefetchStrategy(str, Enum):
 
 
 class MemoryPressureMode(str, Enum):
-    """How eagerly the budget is used. See docs/memory-pressure.md."""
+    """How eagerly the budget is used. See "Residency" in docs/design.md."""
 
     CONSERVATIVE = "conservative"
     """Streamed units are dropped as soon as they have run; only the kept set stays between

@@ -123,7 +123,7 @@ class StreamedParameter(nn.Parameter):
             raise TensorStreamError(
                 "this streamed parameter's model is gone (or is a copy not yet used); its weights cannot be read"
             )
-        return rt.param_value(ref[1], ref[2])
+        return rt.reads.param_value(ref[1], ref[2])
 
 
 def _substitute(func, args: tuple, unbound: list) -> tuple:
@@ -133,11 +133,14 @@ def _substitute(func, args: tuple, unbound: list) -> tuple:
             f"{name}: streamed weights are read-only; change the weights before tensorstream.offload(), "
             "or load the changed model again"
         )
-    real = {id(a): a._real() for a in unbound}
+    # The real value lives on the CPU; an operation gets it on the parameter's device, except
+    # detach(), which state_dict() uses: saving a model larger than the GPU must not fill it.
+    real = {id(a): a._real() if func is _DETACH else a._real().to(a.device) for a in unbound}
     return tuple(real.get(id(a), a) if type(a) is StreamedParameter else a for a in args)
 
 
 _T = torch.Tensor
+_DETACH = _T.detach
 _METADATA: set = set()
 for _prop in (
     "shape", "dtype", "device", "requires_grad", "is_leaf", "grad", "grad_fn", "ndim", "layout",

@@ -17,7 +17,6 @@ import os
 import threading
 import warnings
 import weakref
-from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -25,8 +24,9 @@ from torch import nn
 
 from . import _core, budget
 from .errors import TensorStreamError
-from .memory import aligned_empty, available_ram
+from .memory import available_ram
 from .placement import Placement
+from .reads import Reads
 from .stats import Counters, MemoryPressureEvent, notify_pressure, statistics
 from .transfer import PATHS, Context, probe_gds, select_path
 from .units import ParamRef, UnitSpec
@@ -66,7 +66,7 @@ class Runtime:
         self._fallback_if_run: Optional[str] = None
         self._lock = threading.RLock()
         self._depth = 0
-        self._cold: Optional[tuple] = None  # (unit, buffer): the last unit read outside the planner
+        self.reads = Reads(self)
         self._forked_cuda = False
         self._pending = None  # a deep copy not yet resolved
         _RUNTIMES.add(self)
@@ -137,7 +137,7 @@ class Runtime:
         self.transfer = None
         self.planner = None
         self.engine = None
-        self._cold = None
+        self.reads.clear()
 
     def fallback(self, msg: str) -> None:
         if msg not in self.counters.fallbacks:
@@ -165,7 +165,7 @@ class Runtime:
             self._depth += 1
             try:
                 self._enter_unit(i)
-                with self._saved_tensor_guard():
+                with self.reads.saved_tensor_guard():
                     out = fn(*args, **kwargs)
                 self._exit_unit(i)
                 return out
@@ -175,7 +175,7 @@ class Runtime:
             finally:
                 self._depth -= 1
 
-    def _ensure_configured(self) -> None:
+    def ensure_configured(self) -> None:
         self.resolve()
         if self._forked_cuda:
             raise TensorStreamError(
@@ -186,7 +186,7 @@ class Runtime:
             self.configure()
 
     def _begin_pass(self) -> None:
-        self._ensure_configured()
+        self.ensure_configured()
         if self._fallback_if_run and self.device.type == "cpu":
             self.fallback(self._fallback_if_run)
         if torch.is_grad_enabled():
@@ -207,7 +207,7 @@ class Runtime:
                 )
 
     def _enter_unit(self, i: int) -> None:
-        self._ensure_configured()
+        self.ensure_configured()
         if torch.is_grad_enabled():
             self._check_frozen(i)
         c = self.counters
@@ -286,61 +286,6 @@ class Runtime:
             self.resolve()
             return statistics(self)
 
-    # ------------------------------------------------------------ reads outside the planner
-
-    def unit_buffer(self, i: int) -> torch.Tensor:
-        """Unit `i`'s bytes in a fresh CPU buffer laid out like its slot (converted
-        parameters built in the tail), read outside the planner. The last one is cached."""
-        with self._lock:
-            if self._cold is not None and self._cold[0] == i:
-                return self._cold[1]
-            self._ensure_configured()
-            self._cold = None
-            buf = aligned_empty(self.sizes[i])
-            t = self.engine.submit(self.layouts[i], buf.data_ptr(), buf.numel(), True, buf)
-            self.engine.wait(t)
-            with torch._C.DisableTorchFunctionSubclass():
-                self.placement.values(i, buf, 0, convert=True)
-            self._cold = (i, buf)
-            return buf
-
-    def param_value(self, i: int, k: int) -> torch.Tensor:
-        """The real value of unit `i`'s parameter `k`, in its own CPU memory: a private,
-        copy-on-write map of the file where the bytes are stored as they are (no memory is
-        taken until read), else read from the source and copied."""
-        with torch._C.DisableTorchFunctionSubclass():
-            slot = self.placement.slots[i][k]
-            if slot.converted_at is None:
-                mapped = _map_tensor(self.source, self.units[i].name, slot)
-                if mapped is not None:
-                    return mapped
-            return self.placement.values(i, self.unit_buffer(i))[k].clone()
-
-    def _saved_tensor_guard(self):
-        """In grad mode, autograd may save a parameter (or a view of it) for backward. A slot
-        is reused once its unit is evicted, so a saved tensor that lives in a slot is packed as
-        (unit, offset, shape) and read again from the source when backward needs it."""
-        tr = self.transfer
-        if not torch.is_grad_enabled() or tr is None or tr.zero_copy:
-            return _NULL
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: torch.Tensor):
-        hit = self.transfer.slot_storages().get(t.untyped_storage().data_ptr()) if self.transfer else None
-        if hit is None:
-            return t
-        i, slot = hit
-        return _Saved(i, t.data_ptr() - slot.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
-
-    def _unpack(self, s):
-        if not isinstance(s, _Saved):
-            return s
-        buf = self.unit_buffer(s.unit)
-        base = buf.view(s.dtype)
-        itemsize = torch.empty((), dtype=s.dtype).element_size()
-        t = torch.as_strided(base, s.shape, s.stride, base.storage_offset() + s.offset // itemsize)
-        return t.to(s.device) if s.device != t.device else t
-
     # ------------------------------------------------------------ copies, pickling, fork
 
     def __deepcopy__(self, memo):
@@ -404,49 +349,12 @@ class Runtime:
         self.transfer = None
         self.planner = None
         self.engine = None
-        self._cold = None
+        self.reads.clear()
         self._forked_paths = True
         if self.device.type == "cuda":
             self._forked_cuda = True
         for i in range(len(self.units)):
             self.placement.unbind(i, self.device)
-
-
-class _Saved(namedtuple("_Saved", "unit offset shape stride dtype device")):
-    """A tensor autograd saved from a slot: where it was, to be read again for backward."""
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _NullContext()
-
-
-def _map_tensor(source, unit: str, slot) -> Optional[torch.Tensor]:
-    """A tensor over a private copy-on-write mapping of the file bytes of `slot`'s one part,
-    or None where the source cannot give them as they are."""
-    import mmap
-
-    part = slot.parts[0]
-    span = source.span(unit, part)
-    if span is None or part.nbytes == 0:
-        return None
-    fd, offset = span
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    inner = offset - start
-    itemsize = torch.empty((), dtype=part.dtype).element_size()
-    if inner % itemsize:
-        return None
-    m = mmap.mmap(fd, inner + part.nbytes, access=mmap.ACCESS_COPY, offset=start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = torch.frombuffer(m, dtype=torch.uint8)
-    return raw[inner : inner + part.nbytes].view(part.dtype).view(slot.shape)
 
 
 def _after_fork_in_child() -> None:

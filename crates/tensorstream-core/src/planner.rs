@@ -454,7 +454,7 @@ impl ResidencyPlanner {
         if self.cfg.budget - self.used >= need {
             return Some(());
         }
-        let pos = self.position_for_eviction();
+        let pos = self.position();
         let for_distance = match (&self.learned, pos) {
             (Some(l), Some(p)) => l.distance(p, for_unit),
             _ => None,
@@ -512,10 +512,6 @@ impl ResidencyPlanner {
             self.evict(v, out);
         }
         Some(())
-    }
-
-    fn position_for_eviction(&self) -> Option<usize> {
-        self.position()
     }
 
     /// The units expected after the current one, in order, for at most one cycle.

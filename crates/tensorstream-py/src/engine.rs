@@ -238,11 +238,6 @@ impl PyEngine {
         })
         .py()
     }
-
-    /// Close cached file handles and mappings.
-    fn close_files(&self) {
-        self.engine.backend().close_all();
-    }
 }
 
 /// Drop the page cache's copy of a file (benchmarks of cold reads).

@@ -90,11 +90,6 @@ impl PyPlanner {
         self.inner.release(unit).py()
     }
 
-    /// Forget a unit whose load failed.
-    fn forget(&mut self, unit: u32) -> PyResult<()> {
-        self.inner.forget(unit).py()
-    }
-
     /// Evict everything; returns the units that were resident.
     fn reset(&mut self) -> Vec<u32> {
         self.inner.reset()

@@ -1,7 +1,7 @@
 //! Store writer, store reader and safetensors view.
 
 use crate::errors::IntoPyResult;
-use crate::types::{CHECKPOINT_TENSOR, EXTENT, TENSOR, UNIT, UNIT_CODEC};
+use crate::types::{CHECKPOINT_TENSOR, TENSOR, UNIT, UNIT_CODEC};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -43,23 +43,6 @@ impl PyLayout {
     fn coded(&self) -> bool {
         self.inner.is_coded()
     }
-    /// Number of coded chunks (0 for raw data).
-    #[getter]
-    fn num_chunks(&self) -> usize {
-        self.inner.chunks.len()
-    }
-    /// Extent(file, file_offset, length, dest_offset) of each file range read.
-    #[getter]
-    fn extents<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        self.inner
-            .extents
-            .iter()
-            .map(|e| {
-                let file = self.inner.files[e.file].to_string_lossy().into_owned();
-                EXTENT.make(py, (file, e.file_offset, e.len, e.dest_offset))
-            })
-            .collect()
-    }
     /// TensorEntry(name, dtype, shape, offset, nbytes) of each tensor, offsets in the buffer.
     #[getter]
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
@@ -77,11 +60,6 @@ impl PyLayout {
                 TENSOR.make(py, entry)
             })
             .collect()
-    }
-    /// True when a checksum is verified on read.
-    #[getter]
-    fn checksummed(&self) -> bool {
-        self.inner.checksum.is_some()
     }
     /// A copy of this layout without checksum verification (for data already verified).
     fn without_checksum(&self) -> PyLayout {
@@ -292,15 +270,6 @@ impl PyStore {
             d.set_item(k, v)?;
         }
         Ok(d)
-    }
-    /// Names of the units, in file order.
-    fn unit_names(&self) -> Vec<String> {
-        self.inner
-            .manifest()
-            .units
-            .iter()
-            .map(|u| u.name.clone())
-            .collect()
     }
     /// UnitEntry(name, offset, length, padded_length, codec, checksum) of each unit.
     fn units<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {

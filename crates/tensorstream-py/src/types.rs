@@ -50,8 +50,6 @@ impl Record {
 
 /// A tensor inside a unit's read buffer.
 pub static TENSOR: Record = Record::new("TensorEntry", "name dtype shape offset nbytes");
-/// A file range read into a unit's buffer.
-pub static EXTENT: Record = Record::new("Extent", "file file_offset length dest_offset");
 /// A unit of a store, as its manifest records it.
 pub static UNIT: Record = Record::new(
     "UnitEntry",
@@ -70,11 +68,4 @@ pub static ACCESS: Record = Record::new(
 );
 
 /// Every record type, for registration.
-pub static ALL: [&Record; 6] = [
-    &TENSOR,
-    &EXTENT,
-    &UNIT,
-    &UNIT_CODEC,
-    &CHECKPOINT_TENSOR,
-    &ACCESS,
-];
+pub static ALL: [&Record; 5] = [&TENSOR, &UNIT, &UNIT_CODEC, &CHECKPOINT_TENSOR, &ACCESS];
