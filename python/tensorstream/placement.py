@@ -80,11 +80,11 @@ def slot_sizes(units: list, layouts: list, path: str) -> list:
 
 
 class StreamedParameter(nn.Parameter):
-    """A parameter whose bytes are streamed. Bound (inside its unit's forward) it is a plain
-    view of the unit's buffer; unbound, torch operations on it see the real values, read
-    from the source, and in-place writes raise TensorStreamError."""
+    """The class of a streamed parameter while its unit is not bound: torch operations on it
+    see the real values, read from the source, and in-place writes raise TensorStreamError.
+    Bound (inside its unit's forward) the same object is a plain ``nn.Parameter`` viewing
+    the unit's buffer, so compute pays nothing for this class."""
 
-    _ts_bound: bool = False
     _ts_ref: Optional[tuple] = None  # (weakref to the Runtime, unit index, parameter index)
 
     @classmethod
@@ -92,7 +92,7 @@ class StreamedParameter(nn.Parameter):
         if kwargs is None:
             kwargs = {}
         if func not in _METADATA:
-            unbound = [a for a in args if type(a) is cls and not a._ts_bound]
+            unbound = [a for a in args if type(a) is cls]
             if unbound:
                 args = _substitute(func, args, unbound)
         with torch._C.DisableTorchFunctionSubclass():
@@ -190,10 +190,8 @@ class Placement:
         for i, u in enumerate(self.units):
             for k, p in enumerate(u.params):
                 t = p.get()
-                if type(t) is not StreamedParameter:
-                    t.__class__ = StreamedParameter
+                t.__class__ = StreamedParameter
                 t._ts_ref = (ref, i, k)
-                t._ts_bound = False
 
     def _placeholder(self, dtype: torch.dtype, device: torch.device, shape: tuple) -> torch.Tensor:
         key = (dtype, str(device))
@@ -227,18 +225,19 @@ class Placement:
             for p, v in zip(self.units[i].params, self.values(i, buf, base_offset, convert)):
                 t = p.get()
                 t.data = v
-                t._ts_bound = True
+                t.__class__ = nn.Parameter
 
     def set_bound(self, i: int, bound: bool) -> None:
         """Mark unit `i`'s parameters bound (their data is real) or not, without moving them."""
+        cls = nn.Parameter if bound else StreamedParameter
         for p in self.units[i].params:
-            p.get()._ts_bound = bound
+            p.get().__class__ = cls
 
     def unbind(self, i: int, device: torch.device) -> None:
         with torch._C.DisableTorchFunctionSubclass():
             for p in self.units[i].params:
                 t = p.get()
-                t._ts_bound = False
+                t.__class__ = StreamedParameter
                 t.data = self._placeholder(p.dtype, device, p.shape)
 
     def snapshot_versions(self, i: int) -> None:
