@@ -112,3 +112,21 @@ def test_auto_backend_on_cpu_memory_maps_a_store_that_fits_in_ram(tmp_path, refe
     s = ts.get_model_statistics(model)
     assert s["mode"] == "cpu-mmap"
     assert not s["fallbacks"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_move_reads_nothing_and_materialises_no_streamed_weight(tmp_path, reference, backend):
+    ids, (ref_logits, _tokens) = reference
+    model = tiny_llama(tied=True, seed=5)
+    model = offload(model, tmp_path, vram_budget_gb=budget_gb(model, 2), backend=backend)
+    rt = model._tensorstream
+    reads = []
+    real = rt.reads.param_value
+    rt.reads.param_value = lambda i, k: reads.append((i, k)) or real(i, k)
+    model.to("cpu")
+    assert reads == [], f"the move read {len(reads)} streamed weights"
+    streamed = [p.get() for u in rt.units for p in u.params]
+    with torch._C.DisableTorchFunctionSubclass():
+        assert all(t.untyped_storage().nbytes() <= t.element_size() for t in streamed)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref_logits)

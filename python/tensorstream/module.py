@@ -73,13 +73,17 @@ class _UnitApply(_RootApply):
         _check_dtype_unchanged(rt, fn)
         with rt._lock:
             rt.teardown()
-            for p in unit.params:
-                p.get().data = torch.empty(0, dtype=p.dtype, device=rt.device)
-            type(self.module)._apply(self.module, fn, recurse)
-            new_device = unit.params[0].get().device if unit.params else rt.device
-            rt.device = new_device
-            for i in range(len(rt.units)):
-                rt.placement.unbind(i, new_device)
+            try:
+                # Streamed parameters move as empty tensors: nothing is read or copied.
+                with torch._C.DisableTorchFunctionSubclass():
+                    for p in unit.params:
+                        p.get().data = torch.empty(0, dtype=p.dtype, device=rt.device)
+                    type(self.module)._apply(self.module, fn, recurse)
+                    if unit.params:
+                        rt.device = unit.params[0].get().device
+            finally:
+                for i in range(len(rt.units)):
+                    rt.placement.unbind(i, rt.device)
         return self.module
 
 

@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import warnings
 from collections import namedtuple
+from functools import partial
 from typing import Optional
 
 import torch
@@ -69,11 +70,11 @@ class Reads:
         tr = self.rt.transfer
         if not torch.is_grad_enabled() or tr is None or tr.zero_copy:
             return contextlib.nullcontext()
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        # No unit is loaded or evicted while a unit computes: the slots in use are these.
+        return torch.autograd.graph.saved_tensors_hooks(partial(self._pack, tr.slot_storages()), self._unpack)
 
-    def _pack(self, t: torch.Tensor):
-        tr = self.rt.transfer
-        hit = tr.slot_storages().get(t.untyped_storage().data_ptr()) if tr is not None else None
+    def _pack(self, slots: dict, t: torch.Tensor):
+        hit = slots.get(t.untyped_storage().data_ptr())
         if hit is None:
             return t
         i, slot = hit

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import _core, budget
+from .config import BackendType
 from .errors import TensorStreamError
 from .memory import available_ram
 from .placement import Placement
@@ -85,7 +86,7 @@ class Runtime:
         cfg = self.config
         self.budget_plan = self.check_budget()
         gds = None
-        if self.device.type == "cuda" and cfg.backend.value == "gpudirect":
+        if self.device.type == "cuda" and cfg.backend == BackendType.GPUDIRECT:
             gds = probe_gds(self.source.files[0])
         choice = select_path(
             cfg, self.device, self.source.zero_copy, self.source.file_len, available_ram(), gds
@@ -132,8 +133,8 @@ class Runtime:
         """Drop every loaded unit and buffer (device change, reconfiguration)."""
         if self.transfer is not None:
             self.transfer.close()
-        for i in range(len(self.units)):
-            self.placement.unbind(i, self.device)
+            for i in range(len(self.units)):
+                self.placement.unbind(i, self.device)
         self.transfer = None
         self.planner = None
         self.engine = None
@@ -182,7 +183,7 @@ class Runtime:
                 "this model streams to CUDA and the process was forked: CUDA cannot run in a forked child. "
                 "Start worker processes with multiprocessing's 'spawn' method, or offload the model in the child."
             )
-        if self.transfer is None:
+        if self.transfer is None or self.transfer.ctx.device != self.device:
             self.configure()
 
     def _begin_pass(self) -> None:
@@ -243,7 +244,6 @@ class Runtime:
             self._evict(v)
 
     def _evict(self, i: int) -> None:
-        self.placement.check_unwritten(i)
         if not self.transfer.zero_copy:
             self.placement.unbind(i, self.device)
         self.transfer.evict(i)

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..config import MemoryPressureMode
 from ..errors import BudgetError
 from ..memory import aligned_empty
 from ..placement import Placement
@@ -197,8 +198,6 @@ class PooledTransfer(Transfer):
         return st.slot, 0, convert
 
     def evict(self, i: int) -> None:
-        from ..config import MemoryPressureMode
-
         self._cancel(i)
         st = self.io[i]
         if st.slot is not None:

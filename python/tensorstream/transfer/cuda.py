@@ -92,6 +92,16 @@ class CudaTransfer(PooledTransfer):
         if len(self.host_plan) < len(self.ctx.units):
             self.ring = StagingRing(3, max(self.read_len), self._pinned)
 
+    def _take_slot(self, i: int) -> torch.Tensor:
+        slot = super()._take_slot(i)
+        st = self.io[i]
+        if st.slot_event is None:
+            # A fresh allocation: kernels still queued on the compute stream (of an aborted
+            # pass, say) may use this memory; the copy stream must wait for them.
+            st.slot_event = torch.cuda.Event()
+            st.slot_event.record(torch.cuda.current_stream(self.ctx.device))
+        return slot
+
     def load(self, i: int, demand: bool) -> None:
         st = self.io[i]
         self._take_slot(i)
@@ -162,6 +172,12 @@ class CudaTransfer(PooledTransfer):
         if st.staging is not None and self.ring is not None:
             self.ring.release(st.staging, None)
         st.staging = None
+
+    def close(self) -> None:
+        try:
+            self.copy_stream.synchronize()  # no copy may still write a buffer being freed
+        finally:
+            super().close()
 
     def reset(self) -> None:
         super().reset()
