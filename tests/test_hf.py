@@ -174,3 +174,32 @@ def test_convert_interrupted_leaves_no_store(tmp_path, monkeypatch):
         ts.convert(ck, out, dtype=torch.float32, progress=False)
     leftovers = list(out.iterdir()) if out.exists() else []
     assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_store_converted_to_another_dtype_is_not_picked_and_converts_right_when_named(tmp_path, backend):
+    ck = _checkpoint(tmp_path, "llama")  # saved in float32
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    store = ts.convert(ck, tmp_path / "st", dtype=torch.bfloat16, progress=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    # Found under storage_path, the bf16 store would give bf16-rounded weights: it is not used.
+    model = ts.from_pretrained(
+        ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004, backend=backend), dtype=torch.float32
+    )
+    assert ts.get_model_statistics(model)["source"] == "safetensors"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    # Named explicitly, it is converted back to float32 on load, on every path.
+    named = ts.from_pretrained(
+        ck,
+        ts.Config(tmp_path / "st", vram_budget_gb=0.004, backend=backend),
+        dtype=torch.float32,
+        store=store,
+    )
+    rounded = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for layer in rounded.model.layers:  # the streamed layers hold what the store holds
+            for p in layer.parameters():
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
+        assert torch.equal(named(ids).logits, rounded(ids).logits)
+    assert ts.get_model_statistics(named)["mode"] == "cpu-pread"

@@ -183,7 +183,7 @@ def from_pretrained(
     ckpt = CheckpointSource(path)
     _map_units_to_checkpoint(model, units, ckpt.tensors)
     candidates = with_candidates(model, units)[len(units) :]
-    store_path = store or _find_store(config, model, path)
+    store_path = store or _find_store(config, model, path, units)
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
         for u in units + candidates:  # stores name tensors relative to their unit
@@ -232,7 +232,9 @@ def _checkpoint_id(path: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _find_store(config: Config, model: nn.Module, path: str) -> Optional[str]:
+def _find_store(config: Config, model: nn.Module, path: str, units: list) -> Optional[str]:
+    """A store under `config.storage_path` converted from this checkpoint, in the dtypes the
+    model asks for (a store converted to another dtype holds rounded values: not a match)."""
     cand = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
     if not cand.exists():
         return None
@@ -240,7 +242,11 @@ def _find_store(config: Config, model: nn.Module, path: str) -> Optional[str]:
         st = _core.Store(str(cand))
     except StoreCorruptedError:
         return None
-    return str(cand) if st.metadata.get("source_checkpoint_id") == _checkpoint_id(path) else None
+    if st.metadata.get("source_checkpoint_id") != _checkpoint_id(path):
+        return None
+    stored = {t.dtype for i in range(len(st.units())) for t in st.layout(i).tensors}
+    wanted = {TORCH_TO_ST[p.dtype] for u in units for p in u.params}
+    return str(cand) if stored == wanted else None
 
 
 def convert(

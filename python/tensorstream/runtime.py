@@ -88,9 +88,9 @@ class Runtime:
         gds = None
         if self.device.type == "cuda" and cfg.backend == BackendType.GPUDIRECT:
             gds = probe_gds(self.source.files[0])
-        choice = select_path(
-            cfg, self.device, self.source.zero_copy, self.source.file_len, available_ram(), gds
-        )
+        # Parameters built in their buffer's tail (another dtype, fused) cannot be views of a mapping.
+        zero_copy = self.source.zero_copy and not any(self.placement.converts)
+        choice = select_path(cfg, self.device, zero_copy, self.source.file_len, available_ram(), gds)
         if choice.fallback:
             self.fallback(choice.fallback)
         self._fallback_if_run = choice.fallback_if_run
