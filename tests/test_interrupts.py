@@ -75,12 +75,15 @@ def _accounting(model) -> tuple:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(tmp_path, backend):
+@pytest.mark.parametrize("how", ["offload", "from_pretrained"])
+def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(tmp_path, backend, how):
     ref = tiny_llama(tied=False, seed=3)
-    model = ts.offload(
-        tiny_llama(tied=False, seed=3),
-        ts.Config(tmp_path, vram_budget_gb=budget_gb(ref, 2.5), backend=backend),
-    )
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 2.5), backend=backend)
+    if how == "offload":
+        model = ts.offload(tiny_llama(tied=False, seed=3), cfg)
+    else:
+        ref.save_pretrained(tmp_path / "ckpt")
+        model = ts.from_pretrained(str(tmp_path / "ckpt"), cfg)
     ids = input_ids(seed=7)
     with torch.no_grad():
         expected = ref(ids).logits

@@ -99,8 +99,9 @@ def test_save_pretrained_reloads_with_identical_outputs(tmp_path, backend, how):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, backend):
-    ref, model = offloaded(tmp_path, backend)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend)
     ids = input_ids()
     with torch.no_grad():
         expected = ref(ids).logits
@@ -124,8 +125,9 @@ def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, ba
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_threads_generating_on_one_model_each_get_the_reference(tmp_path, backend):
-    ref, model = offloaded(tmp_path, backend, k=2.2)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_threads_generating_on_one_model_each_get_the_reference(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend, k=2.2)
     prompts = [input_ids(seed=s) for s in range(4)]
     expected = [logits_and_tokens(ref, p)[1] for p in prompts]
     results: dict = {}
@@ -154,7 +156,12 @@ sys.path.insert(0, sys.argv[1])
 from conftest import tiny_llama, budget_gb, input_ids
 import tensorstream as ts
 ref = tiny_llama(tied=False)
-model = ts.offload(tiny_llama(tied=False), ts.Config(sys.argv[2], vram_budget_gb=budget_gb(ref, 2.5), backend=sys.argv[3]))
+cfg = ts.Config(sys.argv[2], vram_budget_gb=budget_gb(ref, 2.5), backend=sys.argv[3])
+if sys.argv[4] == "offload":
+    model = ts.offload(tiny_llama(tied=False), cfg)
+else:
+    ref.save_pretrained(sys.argv[2] + "/ckpt")
+    model = ts.from_pretrained(sys.argv[2] + "/ckpt", cfg)
 ids = input_ids()
 with torch.no_grad():
     want = ref(ids).logits
@@ -176,9 +183,10 @@ print("FORK-OK")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_forked_child_runs_forwards_with_identical_outputs(tmp_path, backend):
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_forked_child_runs_forwards_with_identical_outputs(tmp_path, backend, how):
     p = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT, str(HERE), str(tmp_path), backend],
+        [sys.executable, "-c", FORK_SCRIPT, str(HERE), str(tmp_path), backend, how],
         capture_output=True,
         text=True,
         timeout=120,
@@ -190,8 +198,9 @@ def test_forked_child_runs_forwards_with_identical_outputs(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_training_streamed_weights_is_refused_before_computing(tmp_path, backend):
-    _ref, model = offloaded(tmp_path, backend)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_training_streamed_weights_is_refused_before_computing(tmp_path, backend, how):
+    _ref, model = BUILDERS[how](tmp_path, backend)
     for p in model.parameters():
         p.requires_grad_(True)
     before = ts.get_model_statistics(model)["accesses"]
@@ -213,8 +222,9 @@ def _lora(model):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_lora_on_a_frozen_streamed_base_trains_like_the_reference(tmp_path, backend):
-    ref, model = offloaded(tmp_path, backend)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_lora_on_a_frozen_streamed_base_trains_like_the_reference(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend)
     for p in ref.parameters():
         p.requires_grad_(False)
     ref, model = _lora(ref), _lora(model)
@@ -240,8 +250,9 @@ def test_lora_on_a_frozen_streamed_base_trains_like_the_reference(tmp_path, back
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_deepcopy_works_and_shares_the_store_pickle_refuses(tmp_path, backend):
-    ref, model = offloaded(tmp_path, backend)
+@pytest.mark.parametrize("how", list(BUILDERS))
+def test_deepcopy_works_and_shares_the_store_pickle_refuses(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend)
     ids = input_ids()
     with torch.no_grad():
         want = ref(ids).logits
