@@ -39,8 +39,9 @@ class Injector:
     """With no target, records each traced line the first time it runs; with a target,
     raises KeyboardInterrupt the first time that line runs."""
 
-    def __init__(self, target=None):
+    def __init__(self, target=None, files=TRACED):
         self.target = target
+        self.files = files
         self.lines: list = []
         self._seen: set = set()
         self.fired = False
@@ -54,7 +55,7 @@ class Injector:
         return False
 
     def _call(self, frame, event, arg):
-        return self._line if frame.f_code.co_filename in TRACED else None
+        return self._line if frame.f_code.co_filename in self.files else None
 
     def _line(self, frame, event, arg):
         if event == "line":
