@@ -203,3 +203,29 @@ def test_store_converted_to_another_dtype_is_not_picked_and_converts_right_when_
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
         assert torch.equal(named(ids).logits, rounded(ids).logits)
     assert ts.get_model_statistics(named)["mode"] == "cpu-pread"
+
+
+def test_weights_saved_over_a_converted_checkpoint_are_not_served_from_the_old_store(tmp_path):
+    ck = _checkpoint(tmp_path, "llama", seed=0)
+    ts.convert(ck, tmp_path / "st", dtype=torch.float32, progress=False)
+    # Fine-tuned weights of the same shapes saved over the checkpoint.
+    BUILDERS["llama"](7).save_pretrained(ck, max_shard_size="150KB")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+    ref_logits, _ = _reference(ck, ids)
+    model = ts.from_pretrained(ck, ts.Config(tmp_path / "st", vram_budget_gb=0.004), dtype=torch.float32)
+    assert ts.get_model_statistics(model)["source"] == "safetensors"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref_logits)
+
+
+def test_resident_tensor_of_the_wrong_shape_is_refused_naming_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama(tied=False, seed=0, layers=3)
+    model.save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:32].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(ts.StoreMismatchError, match=r"model\.norm\.weight.*\(32,\).*\(64,\)"):
+        ts.from_pretrained(str(tmp_path / "ck"), ts.Config(tmp_path / "st", vram_budget_gb=0.004))

@@ -143,6 +143,11 @@ def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set)
         if ck is None:
             missing.append(full)
             continue
+        if tuple(loaded[ck].shape) != tuple(t.shape):
+            raise StoreMismatchError(
+                f"checkpoint {available[ck].file}: tensor {ck!r} has shape {tuple(loaded[ck].shape)}, but the model's "
+                f"configuration makes {full!r} {tuple(t.shape)}; the checkpoint and its config.json do not match"
+            )
         value = loaded[ck].to(t.dtype)
         mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if hasattr(model, "tie_weights"):
@@ -221,11 +226,13 @@ def _relative_name(model: nn.Module, unit, p) -> str:
 
 
 def _checkpoint_id(path: str) -> str:
-    """Identity of a checkpoint's files: names, sizes and safetensors headers."""
+    """Identity of a checkpoint's files: names, sizes, safetensors headers, and which file
+    it is and when its content last changed (device, inode, mtime): weights saved over a
+    checkpoint with the same shapes change the last, not the others."""
     h = hashlib.sha256()
     for f in CheckpointSource(path).files:
         st = os.stat(f)
-        h.update(f"{os.path.basename(f)}:{st.st_size}".encode())
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}".encode())
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             h.update(fh.read(min(n, 100 << 20)))
