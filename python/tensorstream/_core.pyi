@@ -13,6 +13,9 @@ class TensorEntry(NamedTuple):
     shape: list[int]
     offset: int
     nbytes: int
+    digest: Optional[str]
+    """16 hex digits of the tensor's checksum (as `checksum` returns it), verified when the
+    unit is read with its checksum; None where the source records none."""
 
 class UnitEntry(NamedTuple):
     """A unit of a store, as its manifest records it."""
@@ -108,6 +111,11 @@ class Store:
     def coded_units(self) -> int: ...
     def unit_index(self, name: str) -> Optional[int]: ...
     def layout(self, i: int) -> Layout: ...
+    def manifest_fingerprint(self, model_class: str) -> str:
+        """The fingerprint recomputed from the manifest (units, tensors, names, dtypes,
+        shapes, digests) with `units.fingerprint`'s formula; StoreCorruptedError for a
+        store without tensor digests."""
+        ...
 
 class SafetensorsView:
     """A safetensors checkpoint (single file or sharded index), read in place."""

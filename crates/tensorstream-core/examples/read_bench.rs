@@ -22,6 +22,7 @@ const USAGE: &str = "usage:
   read_bench write STORE [--units N (16)] [--unit-mib M (256)] [--tensors-per-unit T (4)]
   read_bench read PATH [--backend odirect|pread|mmap (odirect)] [--threads N (4)]
                        [--chunk-mib M (8)] [--bufs B (2)] [--cold] [--no-verify]
+                       [--no-tensor-digests: verify unit checksums only]
                        [--unit-mib M (256): unit size when grouping a safetensors checkpoint]
   read_bench drop-cache FILE...";
 
@@ -46,7 +47,7 @@ impl Args {
         let mut it = std::env::args().skip(1).peekable();
         while let Some(a) = it.next() {
             if let Some(name) = a.strip_prefix("--") {
-                let takes_value = !matches!(name, "cold" | "no-verify");
+                let takes_value = !matches!(name, "cold" | "no-verify" | "no-tensor-digests");
                 let v = if takes_value { it.next() } else { None };
                 flags.push((name.to_string(), v));
             } else {
@@ -189,6 +190,11 @@ fn read(args: &Args) -> AnyResult<()> {
     if args.has("no-verify") {
         for l in &mut layouts {
             l.checksum = None;
+        }
+    }
+    if args.has("no-tensor-digests") {
+        for t in layouts.iter_mut().flat_map(|l| l.tensors.iter_mut()) {
+            t.digest = None;
         }
     }
     let backend: Arc<dyn ReadBackend> = match backend_name.as_str() {

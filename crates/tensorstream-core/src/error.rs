@@ -28,15 +28,19 @@ pub enum Error {
         source: std::io::Error,
     },
     /// Data whose checksum does not match the one recorded in the manifest.
-    #[error("checksum mismatch in unit '{unit}' of {path} (bytes {offset}..{end}): expected {expected:016x}, got {actual:016x}; the store is corrupted, delete it to rebuild", end = .offset + .len)]
+    #[error("checksum mismatch in unit '{unit}'{tensor} of {path} (bytes {offset}..{end}): expected {expected:016x}, got {actual:016x}; the store is corrupted, delete it to rebuild", end = .offset + .len, tensor = tensor_suffix(.tensor))]
     Checksum {
         /// The store file.
         path: PathBuf,
         /// The unit whose data is corrupted.
         unit: String,
-        /// Offset of the unit in the file.
+        /// The tensor whose bytes do not match its own digest, when the unit's checksum
+        /// matched but a tensor's did not (names or dtypes changed in the manifest).
+        tensor: Option<String>,
+        /// Offset of the unit in the file; for a tensor, the unit's offset plus the
+        /// tensor's offset in the unit's raw bytes.
         offset: u64,
-        /// Length of the unit in bytes.
+        /// Length of the unit in bytes; for a tensor, the tensor's.
         len: u64,
         /// Checksum recorded in the manifest.
         expected: u64,
@@ -80,6 +84,13 @@ pub enum Error {
     /// A caller error: a bad argument (unknown unit, buffer too small, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+fn tensor_suffix(tensor: &Option<String>) -> String {
+    match tensor {
+        Some(t) => format!(", tensor '{t}'"),
+        None => String::new(),
+    }
 }
 
 fn unit_suffix(unit: &Option<String>) -> String {
@@ -143,6 +154,7 @@ impl Error {
             Error::Checksum {
                 path,
                 unit,
+                tensor,
                 offset,
                 len,
                 expected,
@@ -150,6 +162,7 @@ impl Error {
             } => Error::Checksum {
                 path: path.clone(),
                 unit: unit.clone(),
+                tensor: tensor.clone(),
                 offset: *offset,
                 len: *len,
                 expected: *expected,

@@ -254,6 +254,7 @@ fn expect_checksum_error(
         match read_unit(engine, &store.layout(i).unwrap()) {
             Err(Error::Checksum {
                 unit,
+                tensor,
                 path,
                 offset,
                 len,
@@ -261,6 +262,7 @@ fn expect_checksum_error(
                 actual,
             }) => {
                 prop_assert_eq!(&unit, &rec.name, "{}", bname);
+                prop_assert_eq!(tensor, None, "{}: the unit's checksum fails first", bname);
                 prop_assert_eq!(path.as_path(), store.path());
                 prop_assert_eq!(offset, rec.offset);
                 prop_assert_eq!(len, rec.length);
@@ -1125,4 +1127,462 @@ fn store_path_without_file_name_is_refused() {
         StoreWriter::create("/", "fp"),
         Err(Error::InvalidArgument(_))
     ));
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor digests: the manifest's names and dtypes are bound to the bytes
+// ---------------------------------------------------------------------------------------
+
+/// A store whose first unit holds two tensors of one shape (whose names can be swapped
+/// without any other field changing), a small one, and a tensor over two checksum chunks.
+fn digest_units() -> Vec<UnitData> {
+    vec![
+        UnitData {
+            name: "layers.0".into(),
+            tensors: vec![
+                TensorData::new("q.weight", DType::F32, &[16, 16], 11),
+                TensorData::new("k.weight", DType::F32, &[16, 16], 12),
+                TensorData::new("norm", DType::BF16, &[16], 13),
+            ],
+        },
+        UnitData {
+            name: "layers.1".into(),
+            tensors: vec![
+                TensorData::new("small", DType::U8, &[100], 14),
+                TensorData::new("big", DType::U8, &[9 << 20], 15),
+            ],
+        },
+    ]
+}
+
+/// The engines reads are checked with: both backends, checksum chunks split over several
+/// jobs (4 MiB) or one job (16 MiB).
+fn digest_engines() -> Vec<(String, Engine)> {
+    let mut v = Vec::new();
+    for (bname, backend) in backends() {
+        for chunk in [4u64 << 20, 16 << 20] {
+            let e = Engine::new(
+                backend.clone(),
+                tensorstream_core::EngineConfig {
+                    num_threads: 3,
+                    chunk_bytes: chunk,
+                },
+            )
+            .unwrap();
+            v.push((format!("{bname}/{}MiB", chunk >> 20), e));
+        }
+    }
+    v
+}
+
+/// Fault in unit `i` of the store from a read-only mapping of its file, as the zero-copy
+/// CPU path does.
+fn populate_unit(engine: &Engine, store: &Store, i: usize) -> Result<(), Error> {
+    let file = std::fs::File::open(store.path()).unwrap();
+    // SAFETY: the test owns the file; nobody modifies it while it is mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let rec = &store.manifest().units[i];
+    let layout = store.layout(i).unwrap();
+    // SAFETY: the mapping covers the unit's padded bytes and outlives the wait.
+    let t = unsafe {
+        engine.submit_populate(
+            &layout,
+            map.as_ptr().add(rec.offset as usize),
+            tensorstream_core::Priority::Demand,
+        )
+    }?;
+    engine.wait(&t)
+}
+
+/// The tensor a read of unit `i` names in its checksum error (None: the read succeeded).
+fn tensor_error(engine: &Engine, store: &Store, i: usize, populate: bool) -> Option<String> {
+    let r = if populate {
+        populate_unit(engine, store, i)
+    } else {
+        read_unit(engine, &store.layout(i).unwrap()).map(|_| ())
+    };
+    match r {
+        Ok(()) => None,
+        Err(Error::Checksum {
+            unit,
+            tensor: Some(t),
+            ..
+        }) => {
+            assert_eq!(unit, store.manifest().units[i].name);
+            Some(t)
+        }
+        Err(e) => panic!("expected a tensor checksum error, got {e}"),
+    }
+}
+
+/// Python's `units.fingerprint`, written out independently: sha256 over the class, then per
+/// unit and per tensor its name, dtype, shape (Python's list repr) and digest.
+fn python_fingerprint(model_class: &str, units: &[UnitData]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut s = format!("tensorstream-v1|{model_class}");
+    for u in units {
+        s += &format!("|unit:{}", u.name);
+        for t in &u.tensors {
+            s += &format!(
+                "|{}:{}:{:?}:{:016x}",
+                t.name,
+                t.dtype,
+                t.shape,
+                chunked_checksum(&t.data)
+            );
+        }
+    }
+    let hex: String = Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex[..32].to_string()
+}
+
+#[test]
+fn writer_records_each_tensors_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = digest_units();
+    let path = write_store(&dir.path().join("d.tstore"), "fp", &units).unwrap();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.manifest().minor_version, 1);
+    for (i, (rec, want)) in store.manifest().units.iter().zip(&units).enumerate() {
+        let layout = store.layout(i).unwrap();
+        for ((t, w), slot) in rec.tensors.iter().zip(&want.tensors).zip(&layout.tensors) {
+            let d = chunked_checksum(&w.data);
+            assert_eq!(t.digest.as_deref(), Some(format!("{d:016x}").as_str()));
+            assert_eq!(slot.digest, Some(d));
+        }
+        for (name, e) in digest_engines() {
+            assert_eq!(tensor_error(&e, &store, i, false), None, "{name}");
+            if name.starts_with("mmap") {
+                assert_eq!(tensor_error(&e, &store, i, true), None, "{name} populate");
+            }
+        }
+    }
+    // Same formula as the Python side, so a store can be checked against a model.
+    let class = "transformers.models.llama.modeling_llama.LlamaForCausalLM";
+    assert_eq!(
+        store.manifest_fingerprint(class).unwrap(),
+        python_fingerprint(class, &units)
+    );
+    // A scalar and a zero-sized tensor format their shapes as Python does.
+    let odd = vec![UnitData {
+        name: "u".into(),
+        tensors: vec![
+            TensorData::new("s", DType::F64, &[], 1),
+            TensorData::new("e", DType::F16, &[0, 3], 2),
+        ],
+    }];
+    let p = write_store(&dir.path().join("odd.tstore"), "fp", &odd).unwrap();
+    assert_eq!(
+        Store::open(&p).unwrap().manifest_fingerprint("M").unwrap(),
+        python_fingerprint("M", &odd)
+    );
+}
+
+/// Swap `field` between tensors `a` and `b` of unit `u` of a manifest.
+fn swap_field(m: &mut Value, u: usize, a: usize, b: usize, field: &str) {
+    let ts = m["units"][u]["tensors"].as_array_mut().unwrap();
+    let va = ts[a][field].take();
+    let vb = std::mem::replace(&mut ts[b][field], va);
+    ts[a][field] = vb;
+}
+
+#[test]
+fn swapped_tensor_names_fail_the_read_despite_a_recomputed_manifest_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = digest_units();
+    let good = write_store(&dir.path().join("good.tstore"), "fp", &units).unwrap();
+    let raw = RawStore::load(&good);
+    let original = Store::open(&good)
+        .unwrap()
+        .manifest_fingerprint("M")
+        .unwrap();
+    // Names swapped, each keeping its own digest: the bytes at each offset are the other
+    // tensor's. The header's manifest checksum is recomputed, so the store opens.
+    for (u, a, b) in [(0, 0, 1), (1, 0, 1)] {
+        let path = dir.path().join(format!("swap{u}.tstore"));
+        raw.write_edited(&path, |m| {
+            swap_field(m, u, a, b, "name");
+            swap_field(m, u, a, b, "digest");
+        });
+        let store = Store::open(&path).expect("structurally valid");
+        let swapped = &store.manifest().units[u].tensors;
+        for (name, e) in digest_engines() {
+            let t = tensor_error(&e, &store, u, false).expect("a tensor checksum error");
+            assert!(t == swapped[a].name || t == swapped[b].name, "{name}: {t}");
+            if name.starts_with("mmap") {
+                assert!(
+                    tensor_error(&e, &store, u, true).is_some(),
+                    "{name} populate"
+                );
+            }
+            // The other unit is untouched.
+            assert_eq!(tensor_error(&e, &store, 1 - u, false), None, "{name}");
+        }
+        assert_ne!(store.manifest_fingerprint("M").unwrap(), original);
+        // Only the names swapped (digests where they were): the reads pass, since the
+        // bytes are what the digests describe, but the fingerprint tells the models apart.
+        let path = dir.path().join(format!("names{u}.tstore"));
+        raw.write_edited(&path, |m| swap_field(m, u, a, b, "name"));
+        let store = Store::open(&path).unwrap();
+        if u == 0 {
+            // Same shapes: the swap is invisible to the reads.
+            for (name, e) in digest_engines() {
+                assert_eq!(tensor_error(&e, &store, u, false), None, "{name}");
+            }
+        }
+        assert_ne!(store.manifest_fingerprint("M").unwrap(), original);
+    }
+    // A wrong digest on its own.
+    let path = dir.path().join("wrong.tstore");
+    raw.write_edited(&path, |m| {
+        m["units"][0]["tensors"][2]["digest"] = json!("0123456789abcdef");
+    });
+    let store = Store::open(&path).unwrap();
+    for (name, e) in digest_engines() {
+        assert_eq!(
+            tensor_error(&e, &store, 0, false).as_deref(),
+            Some("norm"),
+            "{name}"
+        );
+    }
+    match read_unit(&digest_engines()[0].1, &store.layout(0).unwrap()) {
+        Err(e @ Error::Checksum { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("tensor 'norm'") && msg.contains("layers.0"),
+                "{msg}"
+            );
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // Without the checksum (data already verified), nothing is verified.
+    let mut layout = store.layout(0).unwrap();
+    layout.checksum = None;
+    read_unit(&digest_engines()[0].1, &layout).unwrap();
+}
+
+#[test]
+fn coded_units_verify_tensor_digests_after_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.tstore");
+    // Small integers as f32: their high bytes compress, so the unit is stored coded.
+    let f32s = |n: usize, k: u32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| (((i as u32 * k) % 7) as f32).to_le_bytes())
+            .collect()
+    };
+    let (a, b) = (f32s(300_000, 3), f32s(300_000, 5));
+    let mut w = StoreWriter::create(&path, "fp").unwrap();
+    w.set_compression(Some(3), 2).unwrap();
+    w.begin_unit("u").unwrap();
+    w.add_tensor("a", DType::F32, &[300_000], &a).unwrap();
+    w.add_tensor("b", DType::F32, &[300_000], &b).unwrap();
+    w.end_unit().unwrap();
+    w.finish().unwrap();
+    let store = Store::open(&path).unwrap();
+    assert!(store.manifest().units[0].is_coded());
+    let e = engine(backends()[1].1.clone(), 2);
+    assert_eq!(tensor_error(&e, &store, 0, false), None);
+    let raw = RawStore::load(&path);
+    let swapped = dir.path().join("s.tstore");
+    raw.write_edited(&swapped, |m| {
+        swap_field(m, 0, 0, 1, "name");
+        swap_field(m, 0, 0, 1, "digest");
+    });
+    let store = Store::open(&swapped).unwrap();
+    assert!(tensor_error(&e, &store, 0, false).is_some());
+}
+
+#[test]
+fn relabelled_dtype_changes_the_manifest_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = digest_units();
+    let good = write_store(&dir.path().join("good.tstore"), "fp", &units).unwrap();
+    let original = Store::open(&good)
+        .unwrap()
+        .manifest_fingerprint("M")
+        .unwrap();
+    let raw = RawStore::load(&good);
+    let path = dir.path().join("relabel.tstore");
+    // F32 read as I32: same size, so nbytes still matches and the bytes are unchanged.
+    raw.write_edited(&path, |m| {
+        m["units"][0]["tensors"][0]["dtype"] = json!("I32")
+    });
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.manifest().units[0].tensors[0].dtype, DType::I32);
+    // The recorded fingerprint is an opaque string the edit kept; the recomputed one is
+    // that of another model, which `offload()` refuses.
+    assert_eq!(store.manifest().fingerprint, "fp");
+    assert_ne!(store.manifest_fingerprint("M").unwrap(), original);
+    let mut relabelled = units.clone();
+    relabelled[0].tensors[0].dtype = DType::I32;
+    assert_eq!(
+        store.manifest_fingerprint("M").unwrap(),
+        python_fingerprint("M", &relabelled)
+    );
+    // A dtype of another size with a shape that keeps nbytes: also another fingerprint.
+    raw.write_edited(&path, |m| {
+        m["units"][0]["tensors"][0]["dtype"] = json!("BF16");
+        m["units"][0]["tensors"][0]["shape"] = json!([16, 32]);
+    });
+    let store = Store::open(&path).unwrap();
+    assert_ne!(store.manifest_fingerprint("M").unwrap(), original);
+    // The class is part of it too.
+    let store = Store::open(&good).unwrap();
+    assert_ne!(store.manifest_fingerprint("N").unwrap(), original);
+}
+
+#[test]
+fn stores_without_tensor_digests_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = digest_units();
+    let good = write_store(&dir.path().join("good.tstore"), "fp", &units).unwrap();
+    let raw = RawStore::load(&good);
+    let strip = |m: &mut Value| {
+        m.as_object_mut().unwrap().remove("minor_version");
+        for u in m["units"].as_array_mut().unwrap() {
+            for t in u["tensors"].as_array_mut().unwrap() {
+                t.as_object_mut().unwrap().remove("digest");
+            }
+        }
+    };
+    // As written before tensor digests: no minor version, no digests.
+    let old = dir.path().join("old.tstore");
+    raw.write_edited(&old, strip);
+    let store = Store::open(&old).unwrap();
+    assert_eq!(store.manifest().minor_version, 0);
+    for (i, unit) in units.iter().enumerate() {
+        let layout = store.layout(i).unwrap();
+        assert!(layout.tensors.iter().all(|t| t.digest.is_none()));
+        for (name, e) in digest_engines() {
+            let buf = read_unit(&e, &layout).unwrap();
+            for (slot, t) in layout.tensors.iter().zip(&unit.tensors) {
+                let at = slot.offset as usize;
+                assert_eq!(&buf[at..at + t.data.len()], &t.data[..], "{name}");
+            }
+        }
+    }
+    // It cannot vouch for its names and dtypes: no fingerprint from the manifest.
+    match store.manifest_fingerprint("M") {
+        Err(Error::Format { reason, .. }) => assert!(reason.contains("no digest"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // Minor version 0 with some digests: those are verified.
+    let partial = dir.path().join("partial.tstore");
+    raw.write_edited(&partial, |m| {
+        m.as_object_mut().unwrap().remove("minor_version");
+        m["units"][0]["tensors"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("digest");
+        m["units"][0]["tensors"][1]["digest"] = json!("0000000000000000");
+    });
+    let store = Store::open(&partial).unwrap();
+    let e = engine(backends()[1].1.clone(), 2);
+    assert_eq!(
+        tensor_error(&e, &store, 0, false).as_deref(),
+        Some("k.weight")
+    );
+    // Minor version 1 requires every digest, well formed.
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "missing",
+            Box::new(|m| {
+                m["units"][1]["tensors"][1]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("digest");
+            }),
+        ),
+        (
+            "null",
+            Box::new(|m| m["units"][0]["tensors"][0]["digest"] = Value::Null),
+        ),
+        (
+            "short",
+            Box::new(|m| m["units"][0]["tensors"][0]["digest"] = json!("abc")),
+        ),
+        (
+            "upper",
+            Box::new(|m| m["units"][0]["tensors"][0]["digest"] = json!("0123456789ABCDEF")),
+        ),
+        (
+            "sign",
+            Box::new(|m| m["units"][0]["tensors"][0]["digest"] = json!("+123456789abcdef")),
+        ),
+        (
+            "number",
+            Box::new(|m| m["units"][0]["tensors"][0]["digest"] = json!(12)),
+        ),
+    ];
+    for (what, edit) in cases {
+        let p = dir.path().join(format!("bad-{what}.tstore"));
+        raw.write_edited(&p, |m| edit(m));
+        match Store::open(&p) {
+            Err(Error::Format { .. }) => {}
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Writer liveness: an exclusive flock on the temporary file
+// ---------------------------------------------------------------------------------------
+
+/// Try an exclusive lock on `f` without waiting.
+fn try_lock(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor the test owns.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "{e}");
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    true
+}
+
+#[test]
+fn the_writer_holds_an_exclusive_flock_on_its_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("m.tstore");
+    // Aborted (dropped): locked all along, then removed, then unlocked.
+    let mut w = StoreWriter::create(&target, "fp").unwrap();
+    let tmp = w.temp_path().to_path_buf();
+    let other = std::fs::File::open(&tmp).unwrap();
+    assert!(!try_lock(&other), "locked from creation");
+    w.begin_unit("a").unwrap();
+    w.add_tensor("x", DType::U8, &[10], &[1; 10]).unwrap();
+    w.end_unit().unwrap();
+    assert!(!try_lock(&other), "locked while writing");
+    let name = tmp.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with(".m.tstore.tmp-"), "{name}");
+    drop(w);
+    assert!(!tmp.exists());
+    assert!(try_lock(&other), "unlocked after abort");
+    // Finished: locked until renamed, unlocked after.
+    let mut w = StoreWriter::create(&target, "fp").unwrap();
+    let other = std::fs::File::open(w.temp_path()).unwrap();
+    assert!(!try_lock(&other));
+    w.begin_unit("a").unwrap();
+    w.add_tensor("x", DType::U8, &[10], &[1; 10]).unwrap();
+    w.end_unit().unwrap();
+    assert!(!try_lock(&other));
+    w.finish().unwrap();
+    assert!(try_lock(&other), "unlocked once renamed");
+    assert!(try_lock(&std::fs::File::open(&target).unwrap()));
+    // A writer that vanished without cleaning up (here: leaked; a killed process releases
+    // its locks the same way when the kernel closes its files) leaves an unlocked file
+    // only once its descriptors are closed; while they are open the file reads as live.
+    let w = StoreWriter::create(&target, "fp").unwrap();
+    let tmp = w.temp_path().to_path_buf();
+    std::mem::forget(w);
+    assert!(!try_lock(&std::fs::File::open(&tmp).unwrap()));
+    let _ = std::fs::remove_file(&tmp);
 }

@@ -48,6 +48,7 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
         Error::Checksum {
             path,
             unit,
+            tensor,
             offset,
             len,
             expected,
@@ -55,6 +56,7 @@ fn build(py: Python<'_>, err: &Error) -> PyResult<PyErr> {
         } => {
             attrs.set_item("path", path.to_string_lossy().to_string())?;
             attrs.set_item("unit", unit.clone())?;
+            attrs.set_item("tensor", tensor.clone())?;
             attrs.set_item("offset", *offset)?;
             attrs.set_item("length", *len)?;
             attrs.set_item("expected", format!("{expected:016x}"))?;

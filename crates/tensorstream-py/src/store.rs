@@ -43,7 +43,9 @@ impl PyLayout {
     fn coded(&self) -> bool {
         self.inner.is_coded()
     }
-    /// TensorEntry(name, dtype, shape, offset, nbytes) of each tensor, offsets in the buffer.
+    /// TensorEntry(name, dtype, shape, offset, nbytes, digest) of each tensor, offsets in the
+    /// buffer; digest: 16 hex digits of the tensor's checksum, or None where the source
+    /// records none (a checkpoint, a store written before tensor digests).
     #[getter]
     fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.inner
@@ -56,6 +58,7 @@ impl PyLayout {
                     t.shape.clone(),
                     t.offset,
                     t.nbytes,
+                    t.digest.map(|d| format!("{d:016x}")),
                 );
                 TENSOR.make(py, entry)
             })
@@ -332,6 +335,13 @@ impl PyStore {
             .iter()
             .filter(|u| u.is_coded())
             .count()
+    }
+    /// The fingerprint recomputed from the manifest, with `tensorstream.units.fingerprint`'s
+    /// formula: sha256 of "tensorstream-v1|<model_class>", then per unit "|unit:<name>" and
+    /// per tensor "|<name>:<dtype>:<shape list>:<digest>", first 32 hex digits. Raises
+    /// StoreCorruptedError for a store whose tensors record no digest.
+    fn manifest_fingerprint(&self, model_class: &str) -> PyResult<String> {
+        self.inner.manifest_fingerprint(model_class).py()
     }
     /// Index of a unit by name, or None.
     fn unit_index(&self, name: &str) -> Option<usize> {

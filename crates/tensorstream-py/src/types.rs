@@ -49,7 +49,7 @@ impl Record {
 }
 
 /// A tensor inside a unit's read buffer.
-pub static TENSOR: Record = Record::new("TensorEntry", "name dtype shape offset nbytes");
+pub static TENSOR: Record = Record::new("TensorEntry", "name dtype shape offset nbytes digest");
 /// A unit of a store, as its manifest records it.
 pub static UNIT: Record = Record::new(
     "UnitEntry",

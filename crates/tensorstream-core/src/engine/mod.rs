@@ -247,7 +247,7 @@ impl Engine {
             Error::InvalidArgument(format!("unit '{}': {reason}", layout.name))
         })?;
         let pieces = jobs::split(layout, self.chunk_bytes, populate);
-        let inner = Arc::new(TicketInner::new(layout, dest, pieces.len()));
+        let inner = Arc::new(TicketInner::new(layout, dest, &pieces)?);
         let c = &self.shared.counters;
         c.requests.fetch_add(1, Ordering::Relaxed);
         match priority {

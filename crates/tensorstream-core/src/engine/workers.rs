@@ -44,6 +44,7 @@ fn run_job(shared: &Shared, job: Job) {
     let Job { ticket: t, piece } = job;
     let mut result = Ok(());
     let mut digests: Vec<(usize, u64)> = Vec::new();
+    let mut part_digests: Vec<(usize, u64)> = Vec::new();
     if !t.abort.load(Ordering::SeqCst) {
         let start = Instant::now();
         let ptr = (t.dest + piece.dest_offset as usize) as *mut u8;
@@ -85,6 +86,19 @@ fn run_job(shared: &Shared, job: Job) {
                     digests.push((k as usize, xxhash_rust::xxh3::xxh3_64(bytes)));
                     k += 1;
                 }
+                // Tensor parts whose last bytes this job wrote: all their jobs are done.
+                for (i, lo, hi) in t.parts_written(piece.dest_offset, piece.len) {
+                    // SAFETY: [lo, hi) lies inside the buffer (checked at submit) and was
+                    // written or mapped by jobs of this ticket that have all completed
+                    // their writes (their completion, under the ticket's lock, came first).
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            (t.dest as *const u8).add(lo as usize),
+                            (hi - lo) as usize,
+                        )
+                    };
+                    part_digests.push((i, xxhash_rust::xxh3::xxh3_64(bytes)));
+                }
             }
             let c = &shared.counters;
             let read = match piece.kind {
@@ -99,7 +113,7 @@ fn run_job(shared: &Shared, job: Job) {
             .busy_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
-    t.complete(&shared.counters, digests, result);
+    t.complete(&shared.counters, digests, part_digests, result);
 }
 
 /// A worker's scratch for coded chunks: an aligned buffer for the stored bytes (O_DIRECT

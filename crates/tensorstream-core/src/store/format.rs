@@ -15,6 +15,9 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"TSSTORE\0";
 /// The format version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The minor version this crate writes: 1 adds a `digest` to every tensor. Minor versions
+/// only add optional fields, so a reader accepts any (an older reader ignores the fields).
+pub const FORMAT_MINOR_VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Largest manifest a reader accepts, checked before anything is allocated.
@@ -98,6 +101,27 @@ pub struct TensorRecord {
     pub offset: u64,
     /// Size in bytes: the dtype's size times the product of the shape.
     pub nbytes: u64,
+    /// Checksum of the tensor's own bytes (see `chunked_checksum`), as 16 lowercase hex
+    /// digits; written from minor version 1 on, absent from older stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+impl TensorRecord {
+    /// The digest as a number, when the tensor has a well-formed one.
+    pub fn digest_value(&self) -> Option<u64> {
+        self.digest.as_deref().and_then(parse_hex64)
+    }
+}
+
+/// Parse exactly 16 lowercase hex digits (no sign, no prefix): the one spelling a store
+/// writes, so a digest string round-trips through `{:016x}`.
+pub(crate) fn parse_hex64(s: &str) -> Option<u64> {
+    let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if s.len() != 16 || !s.bytes().all(lower_hex) {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
 }
 
 /// One unit, as recorded in the manifest.
@@ -232,6 +256,7 @@ impl UnitRecord {
                     shape: t.shape.clone(),
                     offset: t.offset,
                     nbytes: t.nbytes,
+                    digest: t.digest_value(),
                 })
                 .collect(),
             checksum: Some(ExpectedChecksum {
@@ -249,6 +274,10 @@ pub struct Manifest {
     pub format: String,
     /// Format version, equal to the header's.
     pub version: u32,
+    /// Minor version: 0 (absent) for stores without tensor digests, 1 when every tensor
+    /// records its `digest`.
+    #[serde(default)]
+    pub minor_version: u32,
     /// Identifies the model the store was written for.
     pub fingerprint: String,
     /// Checksum scheme, "xxh3-64-chunked-4MiB" in v1.
@@ -358,7 +387,7 @@ impl Manifest {
             u.layout(path)
                 .validate()
                 .map_err(|reason| bad(format!("unit '{}': {reason}", u.name)))?;
-            validate_tensors(path, u)?;
+            validate_tensors(path, u, self.minor_version)?;
         }
         Ok(())
     }
@@ -412,7 +441,7 @@ fn validate_chunks(path: &Path, u: &UnitRecord) -> Result<u64> {
     Ok(stored_end)
 }
 
-fn validate_tensors(path: &Path, u: &UnitRecord) -> Result<()> {
+fn validate_tensors(path: &Path, u: &UnitRecord, minor_version: u32) -> Result<()> {
     let bad = |reason: String| Error::format("store", path, format!("unit '{}': {reason}", u.name));
     if u.tensors.is_empty() || u.tensors.len() > MAX_TENSORS_PER_UNIT {
         return Err(bad(format!(
@@ -425,6 +454,21 @@ fn validate_tensors(path: &Path, u: &UnitRecord) -> Result<()> {
     for t in &u.tensors {
         if !names.insert(t.name.as_str()) {
             return Err(bad(format!("tensor '{}' appears twice", t.name)));
+        }
+        match &t.digest {
+            Some(d) if parse_hex64(d).is_none() => {
+                return Err(bad(format!(
+                    "tensor '{}' has a malformed digest '{d}', expected 16 lowercase hex digits",
+                    t.name
+                )))
+            }
+            None if minor_version >= 1 => {
+                return Err(bad(format!(
+                    "tensor '{}' has no digest, which minor version {minor_version} requires",
+                    t.name
+                )))
+            }
+            _ => {}
         }
         if t.shape.len() > MAX_DIMS {
             return Err(bad(format!(

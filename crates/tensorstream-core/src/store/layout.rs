@@ -51,6 +51,9 @@ pub struct TensorSlot {
     pub offset: u64,
     /// Size in bytes.
     pub nbytes: u64,
+    /// Checksum of the tensor's bytes (see [`chunked_checksum`](super::chunked_checksum)),
+    /// when the source records one; verified with the unit's checksum.
+    pub digest: Option<u64>,
 }
 
 /// Checksum recorded for a unit, verified chunk by chunk as the data arrives.

@@ -15,7 +15,8 @@ pub use checksum::{
 };
 pub use dtype::DType;
 pub use format::{
-    ChunkRecord, Manifest, TensorRecord, UnitRecord, FORMAT_VERSION, MAGIC, MAX_CHUNKS_PER_UNIT,
+    ChunkRecord, Manifest, TensorRecord, UnitRecord, FORMAT_MINOR_VERSION, FORMAT_VERSION, MAGIC,
+    MAX_CHUNKS_PER_UNIT,
 };
 pub use layout::{CodedChunk, ExpectedChecksum, Extent, TensorSlot, UnitLayout};
 pub use reader::Store;

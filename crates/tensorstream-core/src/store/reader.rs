@@ -106,6 +106,52 @@ impl Store {
         &self.manifest
     }
 
+    /// The fingerprint of the model the manifest describes, computed as `offload()`
+    /// computes a model's (`tensorstream.units.fingerprint`): SHA-256 over
+    /// `tensorstream-v1|<model_class>`, then per unit in manifest order `|unit:<name>`, and
+    /// per tensor in manifest order `|<name>:<dtype>:<shape>:<digest>` (shape as a Python
+    /// list, `[2048, 2048]`; digest as 16 hex digits), as 32 lowercase hex digits.
+    ///
+    /// Unlike the recorded [`fingerprint`](Manifest::fingerprint), it follows the manifest:
+    /// a renamed, swapped or relabelled tensor changes it, and reading a unit checks every
+    /// tensor's bytes against its digest. A store without tensor digests (minor version 0)
+    /// has none: a format error (the store cannot vouch for its names and dtypes).
+    pub fn manifest_fingerprint(&self, model_class: &str) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::fmt::Write;
+        let mut h = Sha256::new();
+        h.update(format!("tensorstream-v1|{model_class}").as_bytes());
+        let mut piece = String::new();
+        for u in &self.manifest.units {
+            h.update(format!("|unit:{}", u.name).as_bytes());
+            for t in &u.tensors {
+                let digest = t.digest_value().ok_or_else(|| {
+                    Error::format(
+                        "store",
+                        &self.path,
+                        format!(
+                            "unit '{}' tensor '{}' records no digest (a store of minor version {} written before tensor digests): its fingerprint cannot be recomputed; rewrite the store",
+                            u.name, t.name, self.manifest.minor_version
+                        ),
+                    )
+                })?;
+                piece.clear();
+                let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+                write!(
+                    piece,
+                    "|{}:{}:[{}]:{digest:016x}",
+                    t.name,
+                    t.dtype.name(),
+                    shape.join(", ")
+                )
+                .expect("writing to a String");
+                h.update(piece.as_bytes());
+            }
+        }
+        let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(hex[..32].to_string())
+    }
+
     /// Index of the unit called `name`.
     pub fn unit_index(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()

@@ -228,6 +228,7 @@ impl SafetensorsView {
                 shape: loc.shape.clone(),
                 offset: e.dest_offset + (loc.offset - e.file_offset),
                 nbytes: loc.nbytes,
+                digest: None,
             });
         }
         Ok(UnitLayout {

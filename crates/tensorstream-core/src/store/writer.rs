@@ -3,10 +3,11 @@
 //! A crash at any point leaves either no store or the previous one, never a store that
 //! looks valid with wrong bytes.
 
+use super::checksum::chunked_checksum;
 use super::checksum::ChunkedHasher;
 use super::format::{
-    ChunkRecord, Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM, FORMAT_VERSION,
-    HEADER_LEN,
+    ChunkRecord, Header, Manifest, TensorRecord, UnitRecord, CHECKSUM_ALGORITHM,
+    FORMAT_MINOR_VERSION, FORMAT_VERSION, HEADER_LEN,
 };
 use super::{align_up, DType, BLOCK};
 use crate::codec::{ChunkMode, Encoder, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
@@ -31,6 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct StoreWriter {
     final_path: PathBuf,
     tmp_path: PathBuf,
+    /// A descriptor of the temporary file holding its exclusive flock (see `create`).
+    lock: Option<File>,
     out: Option<BufWriter<File>>,
     pos: u64,
     fingerprint: String,
@@ -86,26 +89,46 @@ impl StoreWriter {
             .into_owned();
         // A name no other writer uses: two writers for one target, in this process or in
         // another one with the same pid (containers sharing a filesystem), must not share
-        // (and truncate, or delete) each other's temporary file. The pid stays the last
-        // '-'-separated field: stale-file cleaners parse it to see if the writer is alive.
+        // (and truncate, or delete) each other's temporary file. The name stays
+        // `.<name>.tmp-<n>-<pid>`, but what tells a live writer is its lock: the file is
+        // held under an exclusive flock from creation until rename or removal, so a
+        // cleaner that can take the lock (LOCK_EX|LOCK_NB) knows its writer is gone.
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let (tmp_path, file) = loop {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let tmp_path =
                 final_path.with_file_name(format!(".{file_name}.tmp-{n}-{}", std::process::id()));
-            match OpenOptions::new()
+            let file = match OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp_path)
             {
-                Ok(f) => break (tmp_path, f),
+                Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io(&tmp_path, "create", 0, 0, e)),
+            };
+            match lock_new_file(&tmp_path, &file) {
+                Ok(true) => break (tmp_path, file),
+                Ok(false) => {}
+                Err(e) => {
+                    // Unlocked, it would look abandoned: do not leave it behind.
+                    let _ = std::fs::remove_file(&tmp_path);
+                    return Err(e);
+                }
             }
+            // A cleaner took the unlocked file in the instant between creating and
+            // locking it (and removes it): try another name.
         };
+        // A second descriptor of the same open file keeps the lock (flock locks belong to
+        // the open file, released when its last descriptor closes) after the writing one
+        // is closed, until the file is renamed into place or removed.
+        let lock = file
+            .try_clone()
+            .map_err(|e| Error::io(&tmp_path, "dup", 0, 0, e))?;
         let mut w = StoreWriter {
             final_path,
             tmp_path,
+            lock: Some(lock),
             out: Some(BufWriter::with_capacity(8 << 20, file)),
             pos: 0,
             fingerprint: fingerprint.to_string(),
@@ -158,7 +181,9 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// The temporary file being written (for diagnostics and tests).
+    /// The temporary file being written (for diagnostics and tests). It is named
+    /// `.<target name>.tmp-<n>-<pid>` and held under an exclusive flock until it is renamed
+    /// into place or removed.
     pub fn temp_path(&self) -> &Path {
         &self.tmp_path
     }
@@ -378,6 +403,8 @@ impl StoreWriter {
             shape: shape.to_vec(),
             offset,
             nbytes: data.len() as u64,
+            // Exactly what `_core.checksum` returns for these bytes (fingerprints use it).
+            digest: Some(format!("{:016x}", chunked_checksum(data))),
         });
         self.emit(data)?;
         let unit = self.open_unit.as_mut().expect("checked above");
@@ -436,6 +463,7 @@ impl StoreWriter {
         let manifest = Manifest {
             format: "tensorstream-store".into(),
             version: FORMAT_VERSION,
+            minor_version: FORMAT_MINOR_VERSION,
             fingerprint: self.fingerprint.clone(),
             checksum_algorithm: CHECKSUM_ALGORITHM.into(),
             metadata: std::mem::take(&mut self.metadata),
@@ -466,6 +494,8 @@ impl StoreWriter {
         std::fs::rename(&self.tmp_path, &self.final_path)
             .map_err(|e| Error::io(&self.final_path, "rename", 0, 0, e))?;
         self.renamed = true;
+        // The file is no longer a temporary one: release its lock.
+        self.lock = None;
         if let Some(dir) = self.final_path.parent() {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
@@ -499,8 +529,34 @@ fn chunk_width(tensors: &[TensorRecord], lo: u64, hi: u64) -> u64 {
 impl Drop for StoreWriter {
     fn drop(&mut self) {
         // An unfinished or failed writer leaves nothing behind.
+        // The file is removed while its lock is still held (the fields drop after this).
         if !self.renamed {
             let _ = std::fs::remove_file(&self.tmp_path);
         }
     }
+}
+
+/// Take the exclusive flock of a file just created at `path`. Returns false when the file
+/// is no longer the one at `path` or a cleaner holds its lock: the lock went to whoever
+/// found the file unlocked first, and that one removes it.
+fn lock_new_file(path: &Path, file: &File) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: flock on a descriptor we own; it touches no memory.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(false);
+        }
+        return Err(Error::io(path, "flock", 0, 0, e));
+    }
+    let ours = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", 0, 0, e))?;
+    Ok(match std::fs::symlink_metadata(path) {
+        Ok(m) => m.dev() == ours.dev() && m.ino() == ours.ino(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(path, "stat", 0, 0, e)),
+    })
 }
