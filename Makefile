@@ -64,7 +64,7 @@ clean:
 # seeds (fuzz/seeds/) plus the corpus it grew before (fuzz/corpus/, ignored by git). Needs
 # cargo-fuzz and a nightly toolchain, or RUSTC_BOOTSTRAP=1 on stable. See docs/reliability.md.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= store_open store_manifest safetensors_header safetensors_index codec_decode
+FUZZ_TARGETS ?= store_open store_manifest store_semantics safetensors_header safetensors_index codec_decode
 FUZZ_CARGO   ?= $(shell rustup toolchain list 2>/dev/null | grep -q '^nightly' && echo 'cargo +nightly' || echo 'RUSTC_BOOTSTRAP=1 cargo')
 
 .PHONY: fuzz

@@ -4,6 +4,8 @@
 //! The parsers under test take paths, so each input is written to a file first. The
 //! scratch directory lives on `/dev/shm` when it exists (no disk I/O per execution).
 
+pub mod semantics;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tensorstream_core::codec::{Decoder, CODEC_CHUNK};

@@ -6,6 +6,9 @@
 //!   crash) is replayed through the same checks as its fuzz target, on the stable toolchain:
 //!   the parser answers a typed error, or a view whose every byte range lies inside its files
 //!   and reads back exactly the bytes the file holds there.
+//! - The `store_semantics` seeds (programs for `fuzz/src/semantics.rs`, which this file
+//!   includes): structurally valid stores with hostile manifests, read through the engine;
+//!   a read that succeeds matches the unit's checksum and every tensor's digest.
 //! - The codec seeds (`fuzz/seeds/codec_decode/`): hostile chunks decode to an error, never
 //!   a panic; coded chunks round-trip exactly.
 //! - Hostile checkpoint directories: a named pipe in place of a shard or store, the Hugging
@@ -22,6 +25,10 @@ use tensorstream_core::store::{
     chunked_checksum, SafetensorsView, Store, UnitLayout, BLOCK, FORMAT_VERSION, MAGIC,
 };
 use tensorstream_core::Error;
+
+/// The body of `fuzz/fuzz_targets/store_semantics.rs`, shared with it.
+#[path = "../../../fuzz/src/semantics.rs"]
+mod semantics;
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
@@ -156,6 +163,69 @@ fn store_open_inputs_replay() {
         }
     }
     assert!(opened >= 1, "no valid store among the seeds");
+}
+
+#[test]
+fn store_semantics_inputs_replay() {
+    let cases = inputs("store_semantics");
+    assert!(cases.len() >= 10, "seeds under fuzz/seeds/store_semantics");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("semantics.tstore");
+    let engine = tensorstream_core::Engine::new(
+        std::sync::Arc::new(PreadBackend::new(false)),
+        tensorstream_core::EngineConfig {
+            num_threads: 2,
+            chunk_bytes: 4 << 20,
+        },
+    )
+    .unwrap();
+    for (what, data) in &cases {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            semantics::run(&engine, &path, data)
+        }));
+        assert!(
+            r.is_ok(),
+            "{}: the fuzz target's checks failed",
+            what.display()
+        );
+    }
+    // The swapped pair with its digests must be caught by the read, the plain store must
+    // read: the target's oracle is not vacuous.
+    for (seed, reads) in [
+        ("plain", true),
+        ("swap_names_and_digests", false),
+        ("coded_swap_names_and_digests", false),
+        ("big_swap_names_and_digests", false),
+        ("old_store", true),
+    ] {
+        let data =
+            std::fs::read(fuzz_dir().join(format!("seeds/store_semantics/{seed}.bin"))).unwrap();
+        semantics::run(&engine, &path, &data);
+        engine.backend().close_all();
+        let store = Store::open(&path).unwrap();
+        let layout = store.layout(0).unwrap();
+        let mut buf = AlignedBuf::new(layout.buffer_len as usize);
+        // SAFETY: buf outlives the wait; nobody else touches it.
+        let r = unsafe {
+            engine.submit(
+                &layout,
+                buf.as_mut_ptr(),
+                buf.len(),
+                tensorstream_core::Priority::Demand,
+            )
+        }
+        .and_then(|t| engine.wait(&t));
+        match (reads, r) {
+            (true, Ok(())) => {}
+            (
+                false,
+                Err(Error::Checksum {
+                    tensor: Some(_), ..
+                }),
+            ) => {}
+            (_, other) => panic!("{seed}: {other:?}"),
+        }
+    }
 }
 
 #[test]
