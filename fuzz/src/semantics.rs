@@ -48,8 +48,23 @@ impl Input<'_> {
     }
 }
 
-/// Deterministic bytes for a tensor.
+/// Deterministic bytes for a tensor: a pseudo-random (or compressible) block of at most
+/// 4 KiB, repeated, so that a big tensor costs little to make.
 fn fill(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
+    let block = make_block(seed, len.min(4096), compressible);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let take = block.len().min(len - out.len());
+        out.extend_from_slice(&block[..take]);
+    }
+    // The repeats differ from each other in their first byte.
+    for (k, i) in (0..len).step_by(4096).enumerate() {
+        out[i] = out[i].wrapping_add(k as u8);
+    }
+    out
+}
+
+fn make_block(seed: u64, len: usize, compressible: bool) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|i| {
@@ -265,8 +280,9 @@ fn build(path: &Path, inp: &mut Input<'_>) -> bool {
             let mut shape: Vec<u64> = (0..inp.below(3))
                 .map(|_| 1 + inp.below(24) as u64)
                 .collect();
-            // Now and then a tensor over two checksum chunks, read by several jobs.
-            if flags & 2 != 0 && ui == 0 && ti == 0 {
+            // Now and then (flags 2 and 16: it costs) a tensor over two checksum chunks,
+            // read by several jobs.
+            if flags & 0x12 == 0x12 && ui == 0 && ti == 0 {
                 shape = vec![(4 << 20) / dtype.size() + inp.u16() as u64];
             }
             let nbytes = dtype.nbytes(&shape).unwrap_or(0) as usize;
