@@ -240,3 +240,31 @@ def test_a_budget_of_the_whole_model_is_never_refused(tmp_path, backend, strateg
         for _ in range(2):
             assert torch.equal(model(ids).logits, ref(ids).logits)
     assert ts.get_model_statistics(model)["misses"] <= ts.get_model_statistics(model)["units"]
+
+
+def test_default_budgets_of_several_models_share_the_machine(tmp_path):
+    from tensorstream.memory import total_ram
+
+    models = [
+        offload(tiny_llama(tied=False, seed=s), tmp_path / f"m{s}", store_name=f"m{s}.tstore")
+        for s in range(6)
+    ]
+    stats = [ts.get_model_statistics(m) for m in models]
+    # Each default budget is what its model needs, not all the free RAM again.
+    for s in stats:
+        assert s["budget_bytes"] == s["resident_module_bytes"] + sum(s["unit_bytes"])
+    assert sum(s["budget_bytes"] for s in stats) < total_ram()
+    ids = input_ids()
+    ref = tiny_llama(tied=False, seed=5)
+    with torch.no_grad():
+        assert torch.equal(models[5](ids).logits, ref(ids).logits)
+
+
+def test_explicit_budgets_adding_up_past_the_machine_warn(tmp_path):
+    from tensorstream.memory import total_ram
+
+    big = 0.6 * total_ram() / GiB
+    first = offload(tiny_llama(tied=False, seed=1), tmp_path / "a", vram_budget_gb=big)
+    with pytest.warns(RuntimeWarning, match="budgets of the 2 models .* add up to"):
+        second = offload(tiny_llama(tied=False, seed=2), tmp_path / "b", vram_budget_gb=big)
+    assert ts.get_model_statistics(first)["budget_bytes"] == ts.get_model_statistics(second)["budget_bytes"]

@@ -8,6 +8,7 @@ planner's own (`_core.Planner.min_budget`: the largest units the window holds at
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,13 +60,45 @@ def model_bytes(model: nn.Module, units: list) -> int:
     return resident_bytes(model, units) + sum(u.nbytes for u in units)
 
 
-def plan(model: nn.Module, units: list, sizes: list, config: Config, device: torch.device) -> BudgetPlan:
+def device_capacity(device: torch.device) -> int:
+    """All the memory of the device: the GPU's, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return total_ram()
+
+
+def plan(
+    model: nn.Module,
+    units: list,
+    sizes: list,
+    config: Config,
+    device: torch.device,
+    others: list = (),
+    warn: bool = True,
+) -> BudgetPlan:
     """The budget for streaming `units` (of buffer sizes `sizes`) to `device`, or a
     BudgetError with the numbers and what to do. A budget that holds the whole model is never
     refused: the planner then gets room for every unit (their buffers' alignment padding,
-    under 4 KiB a tensor, is the only excess)."""
-    budget = config.budget_bytes if config.budget_bytes is not None else default_budget(device)
+    under 4 KiB a tensor, is the only excess).
+
+    `others` are (budget, bytes held now) of the other models streaming to this device in
+    this process. A default budget is what the model needs at most (its own buffers), within
+    what the device has free minus what the others were promised and do not hold yet; explicit
+    budgets that add up past the device's memory warn (if `warn`: once per model)."""
     resident = resident_bytes(model, units)
+    unused = sum(max(b - held, 0) for b, held in others)
+    if config.budget_bytes is not None:
+        budget = config.budget_bytes
+        promised = budget + sum(b for b, _ in others)
+        if warn and others and promised > device_capacity(device):
+            warnings.warn(
+                f"TensorStream: the budgets of the {len(others) + 1} models streaming to {device} add up to "
+                f"{promised / GiB:.1f} GiB, more than its {device_capacity(device) / GiB:.1f} GiB",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    else:
+        budget = min(max(default_budget(device) - unused, 0), resident + sum(sizes))
     unit_budget = budget - resident
     if config.budget_bytes is not None and budget >= model_bytes(model, units):
         unit_budget = max(unit_budget, sum(sizes))

@@ -12,6 +12,7 @@ turns one pass at a time, and both reset every transfer and the planner on any e
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import threading
@@ -47,6 +48,7 @@ class Runtime:
     transfer = None
     planner = None
     engine = None
+    budget_plan = None
     _forked_paths = False
 
     def __init__(self, model: nn.Module, units: list, source, config, device: torch.device):
@@ -78,7 +80,22 @@ class Runtime:
     # ------------------------------------------------------------ configuration
 
     def check_budget(self) -> budget.BudgetPlan:
-        return budget.plan(self.model, self.units, self.sizes, self.config, self.device)
+        if len(_RUNTIMES) > 1:
+            gc.collect()  # a model and its runtime form a cycle: collect deleted ones first
+        others = [
+            (rt.budget_plan.budget, rt.budget_plan.resident + rt.held_bytes())
+            for rt in list(_RUNTIMES)
+            if rt is not self and rt.budget_plan is not None and rt.device.type == self.device.type
+        ]
+        return budget.plan(
+            self.model,
+            self.units,
+            self.sizes,
+            self.config,
+            self.device,
+            others,
+            warn=self.budget_plan is None,
+        )
 
     def configure(self) -> None:
         """(Re)build the planner, engine and transfer path for the current device."""
@@ -178,6 +195,7 @@ class Runtime:
 
     def ensure_configured(self) -> None:
         self.resolve()
+        self.source.files_open.check_unchanged()
         if self._forked_cuda:
             raise TensorStreamError(
                 "this model streams to CUDA and the process was forked: CUDA cannot run in a forked child. "

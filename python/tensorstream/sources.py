@@ -8,14 +8,40 @@ import os
 from typing import Optional
 
 from . import _core
-from .errors import StoreMismatchError
+from .errors import StoreCorruptedError, StoreMismatchError
 
 
 class _OpenFiles:
-    """Descriptors of a source's files, opened once and closed with the source."""
+    """Descriptors of a source's files, opened once and closed with the source, and what
+    each file was when opened (size, modification time)."""
 
     def __init__(self, paths: list):
         self.fds = {p: os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths}
+        self.seen = {p: self._state(fd) for p, fd in self.fds.items()}
+
+    @staticmethod
+    def _state(fd: int) -> tuple:
+        st = os.fstat(fd)
+        return st.st_size, st.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        """Raise StoreCorruptedError if a file was written or truncated since it was opened
+        (a mapped file read after truncation kills the process with SIGBUS; bytes changed in
+        place would be read silently). Replacing or deleting the path is fine: the open
+        file stays as it was."""
+        for path, fd in self.fds.items():
+            now = self._state(fd)
+            if now != self.seen[path]:
+                (size0, _), (size1, _) = self.seen[path], now
+                what = (
+                    f"truncated or grown from {size0} to {size1} bytes"
+                    if size1 != size0
+                    else "written in place"
+                )
+                raise StoreCorruptedError(
+                    f"{path} was {what} while a model streamed from it: its bytes are no longer the ones "
+                    "that were checked. Offload the model again (or load it again with from_pretrained)."
+                )
 
     def __del__(self):
         for fd in getattr(self, "fds", {}).values():
@@ -40,8 +66,8 @@ class StoreSource:
         self.raw_bytes = store.raw_bytes
         self.stored_bytes = store.stored_bytes
         self.compressed = store.coded_units > 0
-        self._open = _OpenFiles(self.files)
-        self.fds = self._open.fds
+        self.files_open = _OpenFiles(self.files)
+        self.fds = self.files_open.fds
         self.fd = self.fds[self.path]
 
     @property
@@ -85,8 +111,8 @@ class CheckpointSource:
         self.files = self.view.files()
         self.file_len = sum(os.path.getsize(f) for f in self.files)
         self.tensors = self.view.tensors()
-        self._open = _OpenFiles(self.files)
-        self.fds = self._open.fds
+        self.files_open = _OpenFiles(self.files)
+        self.fds = self.files_open.fds
 
     def layouts(self, units: list) -> list:
         return [self.view.layout(u.name, [n for p in u.params for n in p.source_names]) for u in units]
