@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 
+from .errors import TensorStreamError
+
 
 def _demo_model(seed: int = 0):
     import torch
@@ -224,6 +226,14 @@ def main(argv=None) -> int:
     i.add_argument("store")
     i.add_argument("--no-verify", action="store_true", help="do not read the units to verify their checksums")
     args = ap.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except TensorStreamError as e:
+        print(f"tensorstream {args.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.cmd == "demo":
         return demo(args)
     if args.cmd == "_demo-run":

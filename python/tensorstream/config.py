@@ -115,6 +115,8 @@ class Config:
     def __post_init__(self) -> None:
         if not isinstance(self.storage_path, (str, os.PathLike)) or str(self.storage_path) == "":
             raise ConfigError(f"Config.storage_path={self.storage_path!r} must be a non-empty path")
+        if "\x00" in os.fspath(self.storage_path):
+            raise ConfigError(f"Config.storage_path={self.storage_path!r} contains a NUL byte")
         if self.vram_budget_gb is not None:
             if isinstance(self.vram_budget_gb, bool) or not isinstance(self.vram_budget_gb, (int, float)):
                 raise ConfigError(
@@ -123,6 +125,10 @@ class Config:
             if not (self.vram_budget_gb > 0) or self.vram_budget_gb == float("inf"):
                 raise ConfigError(
                     f"Config.vram_budget_gb={self.vram_budget_gb!r} must be a positive, finite number of GB"
+                )
+            if self.vram_budget_gb * (1 << 30) >= 1 << 63:
+                raise ConfigError(
+                    f"Config.vram_budget_gb={self.vram_budget_gb!r} is more memory than a machine has"
                 )
         self.backend = _coerce(BackendType, self.backend, "backend")
         self.prefetch_strategy = _coerce(PrefetchStrategy, self.prefetch_strategy, "prefetch_strategy")

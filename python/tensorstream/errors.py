@@ -39,6 +39,12 @@ class StoreMismatchError(TensorStreamError):
 class StreamIOError(TensorStreamError, OSError):
     """An I/O error while reading a unit. The model stays usable for the next call."""
 
+    os_errno: int | None = None
+
+    @property
+    def errno(self) -> int | None:  # OSError's own field is unset: the core gives os_errno
+        return self.os_errno
+
 
 __all__ = [
     "TensorStreamError",

@@ -14,7 +14,13 @@ from torch import nn
 from . import _core
 from .budget import streamed_subset
 from .config import Config
-from .errors import InvalidArgumentError, StoreMismatchError, TensorStreamError
+from .errors import (
+    ConfigError,
+    InvalidArgumentError,
+    StoreCorruptedError,
+    StoreMismatchError,
+    TensorStreamError,
+)
 from .module import install
 from .placement import slot_sizes
 from .runtime import Runtime
@@ -49,7 +55,12 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
     write it. A store written for another model is refused unless `overwrite_store`. A
     store of this model whose compression differs from the config's is rewritten."""
     root = Path(config.storage_path)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"Config.storage_path={str(root)!r} cannot be used as a directory for stores: {e}"
+        ) from None
     name = config.store_name or f"{type(model).__name__}.tstore"
     path = root / name
     _clean_stale_temps(path)
@@ -72,10 +83,22 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
                 "raw" if on_disk is None else f"compressed at level {on_disk}",
                 "no compression" if level is None else f"compression at level {level}",
             )
-        except StoreMismatchError:
+        except StoreMismatchError as e:
             if not config.overwrite_store:
+                e.args = (
+                    f"{e.args[0] if e.args else e}. A storage_path holds one store per model class: give this "
+                    "model its own (another storage_path, or Config(store_name=...)), or replace the store "
+                    "with Config(overwrite_store=True)",
+                )
                 raise
             log.warning("overwriting store %s, which was written for another model", path)
+        except StoreCorruptedError as e:
+            if not config.overwrite_store:
+                e.args = (
+                    f"{e.args[0] if e.args else e}. Delete {path} or set Config(overwrite_store=True) to rebuild it",
+                )
+                raise
+            log.warning("rebuilding store %s, which is damaged: %s", path, e)
     write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level)
     return _core.Store(str(path), fp)
 

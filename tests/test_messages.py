@@ -1,0 +1,61 @@
+"""Bad input gets a clear TensorStreamError naming what to change, and loses nothing."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import torch
+from conftest import input_ids, tiny_llama
+from test_store import STORE, _flip_byte, _offloaded, _reference_logits
+
+import tensorstream as ts
+from tensorstream.cli import main
+
+
+def test_a_budget_larger_than_any_machine_is_a_config_error():
+    with pytest.raises(ts.ConfigError, match="vram_budget_gb=1e\\+30 is more memory"):
+        ts.Config("/tmp/x", vram_budget_gb=1e30)
+
+
+def test_storage_path_with_a_nul_byte_is_a_config_error():
+    with pytest.raises(ts.ConfigError, match="storage_path.*NUL"):
+        ts.Config("/tmp/a\x00b")
+
+
+def test_storage_path_that_is_a_file_is_a_config_error_naming_it(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("not a directory")
+    with pytest.raises(ts.ConfigError, match="storage_path=.*a-file"):
+        _offloaded(f)
+
+
+def test_store_of_another_checkpoint_of_the_same_class_says_how_to_keep_both(tmp_path):
+    _offloaded(tmp_path, seed=0)
+    with pytest.raises(ts.StoreMismatchError, match="store_name"):
+        _offloaded(tmp_path, seed=1)
+
+
+def test_damaged_store_says_how_to_rebuild_and_overwrite_store_rebuilds_it(tmp_path, capsys):
+    _offloaded(tmp_path)
+    path = tmp_path / STORE
+    _flip_byte(path, 40)  # inside the manifest
+    with pytest.raises(ts.StoreCorruptedError, match="overwrite_store=True"):
+        _offloaded(tmp_path)
+    # inspect says what is wrong without a traceback
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "StoreCorruptedError" in err and "Traceback" not in err
+    model = _offloaded(tmp_path, overwrite_store=True)
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, _reference_logits(ids))
+
+
+def test_stream_io_error_carries_errno(tmp_path, fault_injection):
+    model = tiny_llama(tied=False)
+    model = _offloaded(tmp_path, backend="pread")
+    model._tensorstream.engine.set_fault_plan(fail_from=1)
+    with torch.no_grad(), pytest.raises(ts.StreamIOError) as info:
+        model(input_ids())
+    assert info.value.errno == errno.EIO == info.value.os_errno
