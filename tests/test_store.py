@@ -161,3 +161,58 @@ def test_store_with_garbage_header_raises_store_corrupted_error_at_offload(tmp_p
     _flip_byte(path, 1)
     with pytest.raises(ts.StoreCorruptedError, match=STORE):
         _offloaded(tmp_path)
+
+
+def _edit_manifest(path, edit) -> None:
+    """Apply `edit(manifest_bytes) -> bytes of the same length` and recompute the header's
+    manifest checksum, as docs/store-format.md describes: the store opens again."""
+    import struct
+
+    xxhash = pytest.importorskip("xxhash")
+    with open(path, "r+b") as f:
+        header = f.read(64)
+        off, length = struct.unpack_from("<QQ", header, 16)
+        f.seek(off)
+        manifest = f.read(length)
+        edited = edit(manifest)
+        assert len(edited) == len(manifest) and edited != manifest
+        f.seek(off)
+        f.write(edited)
+        f.seek(32)
+        f.write(struct.pack("<Q", xxhash.xxh3_64_intdigest(edited)))
+
+
+def _swap(data: bytes, a: bytes, b: bytes) -> bytes:
+    return data.replace(a, b"\0SWAP\0").replace(b, a).replace(b"\0SWAP\0", b)
+
+
+def test_manifest_edited_with_a_recomputed_checksum_is_refused(tmp_path):
+    import json
+
+    _offloaded(tmp_path)
+    path = tmp_path / STORE
+    # Two same-shape tensors' names swapped: the fingerprint recomputed from the manifest differs.
+    _edit_manifest(path, lambda m: _swap(m, b"self_attn.q_proj.weight", b"self_attn.o_proj.weight"))
+    with pytest.raises(ts.StoreMismatchError, match="manifest describes other tensors"):
+        _offloaded(tmp_path)
+
+    # Their digests swapped too (the engine would find the bytes at each offset differ from
+    # the digest, crates/tensorstream-core/tests/store.rs): still refused at offload.
+    def swap_digests(m: bytes) -> bytes:
+        for unit in json.loads(m)["units"]:
+            t = {x["name"]: x["digest"] for x in unit["tensors"]}
+            if "self_attn.q_proj.weight" in t:  # the layers, not the embeddings and head
+                m = _swap(m, t["self_attn.q_proj.weight"].encode(), t["self_attn.o_proj.weight"].encode())
+        return m
+
+    _edit_manifest(path, swap_digests)
+    with pytest.raises(ts.StoreMismatchError, match="manifest describes other tensors"):
+        _offloaded(tmp_path)
+
+
+def test_dtype_relabelled_with_a_recomputed_checksum_is_refused(tmp_path):
+    _offloaded(tmp_path)
+    path = tmp_path / STORE
+    _edit_manifest(path, lambda m: m.replace(b'"dtype":"F32"', b'"dtype":"I32"', 1))
+    with pytest.raises(ts.StoreMismatchError):
+        _offloaded(tmp_path)

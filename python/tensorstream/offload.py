@@ -3,6 +3,7 @@ the streaming runtime."""
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
@@ -24,7 +25,7 @@ from .errors import (
 from .module import install
 from .placement import slot_sizes
 from .runtime import Runtime
-from .sources import StoreSource
+from .sources import StoreSource, has_digests
 from .units import analyse, fingerprint, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
@@ -37,20 +38,28 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _clean_stale_temps(store_path: Path) -> None:
-    """Remove temporary files of writers that died (their PID is gone)."""
+    """Remove temporary files of writers that died. A live writer holds an exclusive flock on
+    its temporary file until it renames or removes it, so a temporary file whose lock can be
+    taken has no writer (PIDs would not tell: another PID namespace may share the folder)."""
     for tmp in glob.glob(str(store_path.parent / f".{store_path.name}.tmp-*")):
         try:
-            pid = int(tmp.rsplit("-", 1)[1])
-        except ValueError:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
             continue
-        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a writer holds it
+        else:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp)  # while holding the lock
             except OSError:
                 pass
+        finally:
+            os.close(fd)
 
 
-def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.Store:
+def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreSource:
     """Reuse the store under `config.storage_path` if it was written for this model, else
     write it. A store written for another model is refused unless `overwrite_store`. A
     store of this model whose compression differs from the config's is rewritten."""
@@ -74,19 +83,23 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
             meta = store.metadata
             compressed = meta.get("compression", "none") != "none"
             on_disk = int(meta.get("compression_level", 0)) if compressed else None
-            if on_disk == level:
+            if not has_digests(store):
+                log.info("rewriting store %s: written before tensor digests, it cannot be checked", path)
+            elif on_disk == level:
+                source = StoreSource(store)  # checks the manifest against the fingerprint
                 log.info("reusing store %s", path)
-                return store
-            log.info(
-                "rewriting store %s: it is %s, the config asks for %s",
-                path,
-                "raw" if on_disk is None else f"compressed at level {on_disk}",
-                "no compression" if level is None else f"compression at level {level}",
-            )
+                return source
+            else:
+                log.info(
+                    "rewriting store %s: it is %s, the config asks for %s",
+                    path,
+                    "raw" if on_disk is None else f"compressed at level {on_disk}",
+                    "no compression" if level is None else f"compression at level {level}",
+                )
         except StoreMismatchError as e:
             if not config.overwrite_store:
                 e.args = (
-                    f"{e.args[0] if e.args else e}. A storage_path holds one store per model class: give this "
+                    f"{(e.args[0] if e.args else str(e)).rstrip('.')}. A storage_path holds one store per model class: give this "
                     "model its own (another storage_path, or Config(store_name=...)), or replace the store "
                     "with Config(overwrite_store=True)",
                 )
@@ -95,12 +108,12 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> _core.
         except StoreCorruptedError as e:
             if not config.overwrite_store:
                 e.args = (
-                    f"{e.args[0] if e.args else e}. Delete {path} or set Config(overwrite_store=True) to rebuild it",
+                    f"{(e.args[0] if e.args else str(e)).rstrip('.')}. Delete {path} or set Config(overwrite_store=True) to rebuild it",
                 )
                 raise
             log.warning("rebuilding store %s, which is damaged: %s", path, e)
     write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level)
-    return _core.Store(str(path), fp)
+    return StoreSource(_core.Store(str(path), fp))
 
 
 def offload(model: nn.Module, config: Config) -> nn.Module:
@@ -123,7 +136,7 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
             "blocks holding parameters; name them with Config(units=[...])"
         )
     all_units = with_candidates(model, units)
-    source = StoreSource(open_or_write_store(model, all_units, config))
+    source = open_or_write_store(model, all_units, config)
     units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config)
     install(model, Runtime(model, units, source, config, _model_device(model)))
     return model

@@ -195,7 +195,11 @@ class Runtime:
 
     def ensure_configured(self) -> None:
         self.resolve()
-        self.source.files_open.check_unchanged()
+        tr = self.transfer
+        if tr is None or tr.zero_copy or not self.source.checksummed:
+            # Reads into buffers of a checksummed store are verified anyway; a mapping is
+            # verified once, and a checkpoint never: check that their files did not change.
+            self.source.files_open.check_unchanged()
         if self._forked_cuda:
             raise TensorStreamError(
                 "this model streams to CUDA and the process was forked: CUDA cannot run in a forked child. "

@@ -51,11 +51,30 @@ class _OpenFiles:
                 pass
 
 
+def has_digests(store: _core.Store) -> bool:
+    """Whether the store records tensor digests (written since store minor version 1)."""
+    return all(t.digest is not None for i in range(len(store.units())) for t in store.layout(i).tensors)
+
+
+def check_manifest(store: _core.Store, fingerprint: str, model_class: str) -> None:
+    """Raise StoreMismatchError unless the fingerprint recomputed from the manifest's own
+    content (names, dtypes, shapes, tensor digests) is `fingerprint`: a manifest edited with a
+    recomputed checksum is refused. The engine verifies the digests against the bytes."""
+    recomputed = store.manifest_fingerprint(model_class)
+    if recomputed != fingerprint:
+        raise StoreMismatchError(
+            f"store {store.path}: its manifest describes other tensors than the model's (fingerprint "
+            f"{recomputed} recomputed from the manifest, {fingerprint} expected); it was edited or written "
+            "for another model. Delete it and convert or offload again."
+        )
+
+
 class StoreSource:
     """A TensorStream store: aligned, checksummed units; zero-copy mapping allowed on CPU,
     unless the store holds compressed units (they are decoded into buffers)."""
 
     kind = "store"
+    checksummed = True
 
     def __init__(self, store: _core.Store):
         self.store = store
@@ -66,6 +85,8 @@ class StoreSource:
         self.raw_bytes = store.raw_bytes
         self.stored_bytes = store.stored_bytes
         self.compressed = store.coded_units > 0
+        if has_digests(store):
+            check_manifest(store, store.fingerprint, store.metadata.get("model_class", ""))
         self.files_open = _OpenFiles(self.files)
         self.fds = self.files_open.fds
         self.fd = self.fds[self.path]
@@ -104,6 +125,7 @@ class CheckpointSource:
 
     kind = "safetensors"
     zero_copy = False
+    checksummed = False
 
     def __init__(self, path: str):
         self.view = _core.SafetensorsView(path)
