@@ -306,27 +306,36 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, zygote):
 
 def test_stale_temp_of_a_dead_writer_is_removed_but_a_live_writers_is_kept(tmp_path, refs):
     """The next offload() removes temporary files whose writer is gone, never one whose
-    writer is alive (it may be another process writing right now)."""
+    writer is alive (it may be another process writing right now). A live writer holds an
+    exclusive flock on its temporary file; the PID in the name proves nothing (a writer in
+    another PID namespace sharing the folder has a PID this process cannot see)."""
     d = tmp_path / "s"
     d.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = d / f".{STORE}.tmp-0-{dead.pid}"
     stale.write_bytes(b"\0" * 8192)
-    live_proc = subprocess.Popen(["sleep", "30"])
+    live = d / f".{STORE}.tmp-0-{os.getpid()}"  # a live PID, but no writer holds it
+    live.write_bytes(b"\0" * 8192)
+    other_ns = d / f".{STORE}.tmp-1-{dead.pid}"  # a dead PID here, but a writer holds it
+    other_ns.write_bytes(b"\0" * 8192)
+    writer = subprocess.Popen(["flock", "--exclusive", str(other_ns), "sleep", "30"])
     try:
-        live = d / f".{STORE}.tmp-0-{live_proc.pid}"
-        live.write_bytes(b"\0" * 8192)
+        deadline = time.time() + 10
+        while time.time() < deadline:  # wait until the lock is taken
+            if subprocess.run(["flock", "--nonblock", str(other_ns), "true"]).returncode != 0:
+                break
+            time.sleep(0.05)
         m = net(1)
         ts.offload(m, ts.Config(d, backend="pread"))
         with torch.no_grad():
             assert torch.equal(m(sample()), refs["logits1"])
-        assert not stale.exists()
-        assert live.exists()
+        assert not stale.exists() and not live.exists()
+        assert other_ns.exists()
         assert (d / STORE).read_bytes() == refs["bytes1"]
     finally:
-        live_proc.kill()
-        live_proc.wait()
+        writer.kill()
+        writer.wait()
 
 
 if __name__ == "__main__" and "--zygote" in sys.argv:

@@ -59,3 +59,13 @@ def test_stream_io_error_carries_errno(tmp_path, fault_injection):
     with torch.no_grad(), pytest.raises(ts.StreamIOError) as info:
         model(input_ids())
     assert info.value.errno == errno.EIO == info.value.os_errno
+
+
+def test_inspect_refuses_an_edited_manifest(tmp_path, capsys):
+    from test_store import _edit_manifest, _swap
+
+    _offloaded(tmp_path)
+    path = tmp_path / STORE
+    _edit_manifest(path, lambda m: _swap(m, b"self_attn.q_proj.weight", b"self_attn.o_proj.weight"))
+    assert main(["inspect", "--no-verify", str(path)]) == 2
+    assert "manifest describes other tensors" in capsys.readouterr().err

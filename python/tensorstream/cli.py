@@ -171,9 +171,12 @@ def inspect(args) -> int:
     from tensorstream import _core
     from tensorstream.errors import TensorStreamError
     from tensorstream.memory import aligned_empty
+    from tensorstream.sources import check_manifest, has_digests
 
     store = _core.Store(args.store)
     print(f"store {store.path}: {store.file_len / 1e9:.3f} GB, fingerprint {store.fingerprint}")
+    if has_digests(store):  # a manifest edited with a recomputed checksum does not pass
+        check_manifest(store, store.fingerprint, store.metadata.get("model_class", ""))
     for k, v in sorted(store.metadata.items()):
         print(f"  {k}: {v}")
     raw, stored = store.raw_bytes, store.stored_bytes
