@@ -45,11 +45,13 @@ _FORK_LEFTOVERS: list = []  # engines and tickets of the parent: never dropped i
 class Runtime:
     """Per-model streaming state, attached to the model as ``model._tensorstream``."""
 
+    # Set by configure() (a deep copy not yet resolved has only these defaults).
     transfer = None
     planner = None
     engine = None
-    budget_plan = None
-    _forked_paths = False
+    budget_plan: Optional[budget.BudgetPlan] = None
+    _forked_paths = False  # a forked child reopens its files through /proc/self/fd
+    _forked_cuda = False
 
     def __init__(self, model: nn.Module, units: list, source, config, device: torch.device):
         self.model = model
@@ -61,16 +63,11 @@ class Runtime:
         self.placement = Placement(units, self.layouts, source.path)
         self.sizes = self.placement.sizes
         self.counters = Counters()
-        self.budget_plan: Optional[budget.BudgetPlan] = None
-        self.planner = None
-        self.engine = None
-        self.transfer = None
         self._engines: dict = {}
         self._fallback_if_run: Optional[str] = None
         self._lock = threading.RLock()
         self._depth = 0
         self.reads = Reads(self)
-        self._forked_cuda = False
         self._pending = None  # a deep copy not yet resolved
         _RUNTIMES.add(self)
         if config.debug_mode:
