@@ -272,3 +272,71 @@ def test_deepcopy_works_and_shares_the_store_pickle_refuses(tmp_path, backend, h
     with torch.no_grad():
         assert torch.equal(twin(ids).logits, want)
     assert os.path.exists(ts.get_model_statistics(twin)["store_path"])
+
+
+# ------------------------------------------------------------------ found by an adversarial pass
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weights_in_lists_and_keywords_are_real_and_all_writes_refused(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        model(ids)
+    w, r = model.model.layers[1].mlp.up_proj.weight, ref.model.layers[1].mlp.up_proj.weight
+    w2, r2 = model.model.layers[2].mlp.up_proj.weight, ref.model.layers[2].mlp.up_proj.weight
+    x = torch.randn(3, w.shape[1])
+    assert torch.equal(torch.cat([w, w2]), torch.cat([r, r2]))
+    assert torch.equal(torch.nn.functional.linear(x, weight=w), torch.nn.functional.linear(x, weight=r))
+    assert w.stride() == r.stride() and w.is_contiguous()
+    with pytest.raises(TensorStreamError, match="read-only"):
+        torch.nn.init.constant_(w, 1.0)
+    with pytest.raises(TensorStreamError, match="read-only"):
+        w.data = torch.zeros_like(r)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    # `.data` is the real values, and a write through it is refused too (peft's merge writes so).
+    assert torch.equal(w.data, r)
+    with torch.no_grad(), pytest.raises(TensorStreamError, match="read-only"):
+        w.data.mul_(2)
+    with torch.no_grad(), pytest.raises(TensorStreamError, match="read-only"):
+        w.data += 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+    # A replaced streamed parameter is refused, and the user's tensor is left alone.
+    mine = torch.nn.Parameter(torch.ones_like(r))
+    model.model.layers[1].mlp.up_proj.weight = mine
+    with torch.no_grad(), pytest.raises(TensorStreamError, match="was replaced"):
+        model(ids)
+    assert torch.equal(mine.detach(), torch.ones_like(r))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_refused_load_state_dict_changes_nothing_and_a_fresh_copy_reads(tmp_path, backend):
+    ref, model = offloaded(tmp_path, backend)
+    ids = input_ids()
+    other = tiny_llama(tied=False, seed=9)
+    with pytest.raises(TensorStreamError, match="read-only"):
+        model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)  # embeddings not half-loaded
+    twin = copy.deepcopy(model)  # used before any forward of its own
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in twin.state_dict().items())
+
+
+def test_a_model_called_from_inside_its_forward_is_one_pass(tmp_path):
+    ref, model = offloaded(tmp_path, "pread")
+    ids = input_ids()
+    inner: list = []
+
+    def hook(*_):
+        if not inner:
+            inner.append(None)  # the inner call runs this hook too
+            inner[0] = model(ids).logits
+
+    handle = model.model.layers[1].register_forward_hook(hook)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    handle.remove()
+    assert torch.equal(inner[0], ref(ids).logits)

@@ -22,6 +22,7 @@ from .memory import available_ram, total_ram
 from .units import UnitSpec, resident_bytes
 
 GiB = 1 << 30
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ def plan(
     else:
         budget = min(max(default_budget(device) - unused, 0), resident + sum(sizes))
     unit_budget = budget - resident
-    if config.budget_bytes is not None and budget >= model_bytes(model, units):
+    padding = sum(sizes) - sum(u.nbytes for u in units)
+    alignment = sum(PAGE * (len(u.params) + 1) for u in units)  # what buffers add beyond the bytes
+    if config.budget_bytes is not None and budget >= model_bytes(model, units) and padding <= alignment:
         unit_budget = max(unit_budget, sum(sizes))
     need = window_bytes(sizes, config)
     if unit_budget < need:

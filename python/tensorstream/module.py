@@ -76,8 +76,8 @@ class _UnitApply(_RootApply):
             try:
                 # Streamed parameters move as empty tensors: nothing is read or copied.
                 with torch._C.DisableTorchFunctionSubclass():
-                    for p in unit.params:
-                        p.get().data = torch.empty(0, dtype=p.dtype, device=rt.device)
+                    for p, t in zip(unit.params, rt.placement.objects[unit.index]):
+                        t.data = torch.empty(0, dtype=p.dtype, device=rt.device)
                     type(self.module)._apply(self.module, fn, recurse)
                     if unit.params:
                         rt.device = unit.params[0].get().device
@@ -85,6 +85,30 @@ class _UnitApply(_RootApply):
                 for i in range(len(rt.units)):
                     rt.placement.unbind(i, rt.device)
         return self.module
+
+
+class _Locked(_Forward):
+    """``model.state_dict``: under the model's lock, so no pass binds a weight meanwhile."""
+
+    def __call__(self, *args, **kwargs):
+        with self.runtime._lock:
+            return self.orig(*args, **kwargs)
+
+
+class _CheckedLoad(_Forward):
+    """``model.load_state_dict``: refuse streamed keys before anything is loaded."""
+
+    def __call__(self, state_dict, *args, **kwargs):
+        rt = self.runtime
+        rt.resolve()
+        names = {id(m): n for n, m in rt.model.named_modules(remove_duplicate=False)}
+        streamed = [
+            f"{names[id(p.module)]}.{p.attr}" if names.get(id(p.module)) else p.attr
+            for u in rt.units
+            for p in u.params
+        ]
+        _RefuseLoad(streamed)(None, state_dict, "")
+        return self.orig(state_dict, *args, **kwargs)
 
 
 class _RefuseLoad:
@@ -139,6 +163,8 @@ def install(model: nn.Module, runtime: Runtime) -> None:
         module._register_load_state_dict_pre_hook(_RefuseLoad(attrs), with_module=True)
     model._apply = _RootApply(runtime, model)
     model.forward = _PassForward(runtime, model.forward)
+    model.state_dict = _Locked(runtime, model.state_dict)
+    model.load_state_dict = _CheckedLoad(runtime, model.load_state_dict)
     model._tensorstream = runtime
     trim_heap()
     runtime.configure()

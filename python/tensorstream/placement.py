@@ -91,12 +91,21 @@ class StreamedParameter(nn.Parameter):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if kwargs is None:
             kwargs = {}
-        if func not in _METADATA:
-            unbound = [a for a in args if type(a) is cls]
-            if unbound:
-                args = _substitute(func, args, unbound)
+        if func in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        unbound = [a for a in _flat(args, kwargs) if type(a) is cls]
+        if unbound:
+            real = _substitute(func, unbound)
+            args = tuple(_replace(a, real) for a in args)
+            kwargs = {k: _replace(v, real) for k, v in kwargs.items()}
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if unbound and func == _DATA:
+                # A write through `.data` would change a copy of the weights: refuse it too.
+                out = torch.Tensor._make_subclass(ReadOnlyWeight, out)
+                out._ts_name = unbound[0]._ts_name()
+        return out
 
     def __deepcopy__(self, memo):
         if id(self) in memo:
@@ -116,27 +125,72 @@ class StreamedParameter(nn.Parameter):
     def __reduce_ex__(self, proto):
         return (torch._utils._rebuild_parameter, (self._real(), self.requires_grad, {}))
 
-    def _real(self) -> torch.Tensor:
+    def _runtime(self):
         ref = self._ts_ref
         rt = ref[0]() if ref else None
         if rt is None:
+            raise TensorStreamError("this streamed parameter's model is gone; its weights cannot be read")
+        rt.resolve()
+        return rt
+
+    def _ts_name(self) -> str:
+        rt, (_r, i, k) = self._runtime(), self._ts_ref
+        return f"{rt.units[i].name}.{rt.units[i].params[k].store_name}"
+
+    def _real(self) -> torch.Tensor:
+        return self._runtime().reads.param_value(self._ts_ref[1], self._ts_ref[2])
+
+
+class ReadOnlyWeight(torch.Tensor):
+    """What ``weight.data`` of an unbound streamed weight gives: its real values, which an
+    in-place write would change in a copy only, so writes raise TensorStreamError."""
+
+    _ts_name = ""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        if _is_write(func) and any(type(a) is cls for a in _flat(args, kwargs)):
             raise TensorStreamError(
-                "this streamed parameter's model is gone (or is a copy not yet used); its weights cannot be read"
+                f"{getattr(func, '__name__', func)}: streamed weights are read-only "
+                f"({next(a for a in _flat(args, kwargs) if type(a) is cls)._ts_name}); change the weights before "
+                "tensorstream.offload() (peft: merge_and_unload() before offloading), or load the changed model again"
             )
-        return rt.reads.param_value(ref[1], ref[2])
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
 
-def _substitute(func, args: tuple, unbound: list) -> tuple:
+def _is_write(func) -> bool:
     name = getattr(func, "__name__", "")
-    if name in _WRITES or (name.endswith("_") and not name.startswith("__") and name != "requires_grad_"):
+    return func in _WRITES or (name.endswith("_") and not name.startswith("__") and name != "requires_grad_")
+
+
+def _flat(args: tuple, kwargs: dict):
+    """The arguments, one level of lists and tuples opened (torch.cat([w1, w2]))."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+def _replace(a, real: dict):
+    if isinstance(a, (list, tuple)):
+        return type(a)(real.get(id(x), x) for x in a)
+    return real.get(id(a), a)
+
+
+def _substitute(func, unbound: list) -> dict:
+    """id(parameter) -> its real value, for an operation that only reads them."""
+    if _is_write(func):
         raise TensorStreamError(
-            f"{name}: streamed weights are read-only; change the weights before tensorstream.offload(), "
-            "or load the changed model again"
+            f"{getattr(func, '__name__', func)}: streamed weights are read-only ({unbound[0]._ts_name()}); change the weights before "
+            "tensorstream.offload(), or load the changed model again"
         )
     # The real value lives on the CPU; an operation gets it on the parameter's device, except
     # detach(), which state_dict() uses: saving a model larger than the GPU must not fill it.
-    real = {id(a): a._real() if func is _DETACH else a._real().to(a.device) for a in unbound}
-    return tuple(real.get(id(a), a) if type(a) is StreamedParameter else a for a in args)
+    return {id(a): a._real() if func is _DETACH else a._real().to(a.device) for a in unbound}
 
 
 _T = torch.Tensor
@@ -149,20 +203,21 @@ for _prop in (
     _attr = getattr(_T, _prop, None)
     if _attr is not None and hasattr(_attr, "__get__"):
         _METADATA.add(_attr.__get__)
-for _prop in ("requires_grad", "grad", "data"):
+for _prop in ("requires_grad", "grad"):
     _attr = getattr(_T, _prop, None)
     if _attr is not None and hasattr(_attr, "__set__"):
         _METADATA.add(_attr.__set__)
 for _meth in (
-    "size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex", "stride",
-    "requires_grad_", "is_contiguous", "get_device", "__hash__", "__format__", "type", "_is_view",
-    "storage_offset", "is_pinned", "untyped_storage", "data_ptr", "__reduce_ex__", "__deepcopy__",
-    "register_hook", "retain_grad", "is_shared", "share_memory_",
+    "size", "dim", "numel", "nelement", "element_size", "is_floating_point", "is_complex",
+    "requires_grad_", "get_device", "__hash__", "__format__", "type", "is_pinned", "__reduce_ex__",
+    "__deepcopy__", "register_hook", "retain_grad",
 ):  # fmt: skip
     _attr = getattr(_T, _meth, None)
     if _attr is not None:
         _METADATA.add(_attr)
-_WRITES = {"__setitem__", "copy_", "set_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+_WRITES = {getattr(_T, n) for n in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")}
+_WRITES.add(_T.data.__set__)  # replacing a streamed weight's data: read-only too
+_DATA = _T.data.__get__
 
 
 def placeholder(dtype: torch.dtype, device: torch.device, shape: tuple) -> torch.Tensor:
@@ -182,14 +237,16 @@ class Placement:
             self.sizes.append(size)
         self.converts = [any(s.converted_at is not None for s in slots) for slots in self.slots]
         self._placeholders: dict = {}
+        # The parameter objects themselves: a parameter replaced on its module after offload()
+        # is refused, never bound or overwritten.
+        self.objects = [[p.get() for p in u.params] for u in units]
         self._versions = [[0] * len(u.params) for u in units]
 
     def adopt(self, runtime) -> None:
         """Make the streamed parameters StreamedParameters that read through `runtime`."""
         ref = weakref.ref(runtime)
-        for i, u in enumerate(self.units):
-            for k, p in enumerate(u.params):
-                t = p.get()
+        for i, objs in enumerate(self.objects):
+            for k, t in enumerate(objs):
                 t.__class__ = StreamedParameter
                 t._ts_ref = (ref, i, k)
 
@@ -222,32 +279,41 @@ class Placement:
 
     def bind(self, i: int, buf: torch.Tensor, base_offset: int = 0, convert: bool = False) -> None:
         with torch._C.DisableTorchFunctionSubclass():
-            for p, v in zip(self.units[i].params, self.values(i, buf, base_offset, convert)):
-                t = p.get()
+            for t, v in zip(self.objects[i], self.values(i, buf, base_offset, convert)):
                 t.data = v
                 t.__class__ = nn.Parameter
 
     def set_bound(self, i: int, bound: bool) -> None:
         """Mark unit `i`'s parameters bound (their data is real) or not, without moving them."""
         cls = nn.Parameter if bound else StreamedParameter
-        for p in self.units[i].params:
-            p.get().__class__ = cls
+        for t in self.objects[i]:
+            t.__class__ = cls
 
     def unbind(self, i: int, device: torch.device) -> None:
         with torch._C.DisableTorchFunctionSubclass():
-            for p in self.units[i].params:
-                t = p.get()
+            for p, t in zip(self.units[i].params, self.objects[i]):
                 t.__class__ = StreamedParameter
                 t.data = self._placeholder(p.dtype, device, p.shape)
 
+    def check_same_objects(self, i: int) -> None:
+        """Raise if a streamed parameter of unit `i` was replaced by another object
+        (``module.weight = nn.Parameter(...)``, ``resize_token_embeddings``)."""
+        for p, obj in zip(self.units[i].params, self.objects[i]):
+            if p.module._parameters.get(p.attr) is not obj:
+                raise TensorStreamError(
+                    f"{self.units[i].name}.{p.store_name} was replaced after offload(): streamed weights are "
+                    "read-only and live in the store. Change the model before tensorstream.offload(), or save the "
+                    "changed model and load it again."
+                )
+
     def snapshot_versions(self, i: int) -> None:
         """Remember the parameters' version counters (bumped by in-place writes)."""
-        self._versions[i] = [p.get()._version for p in self.units[i].params]
+        self._versions[i] = [t._version for t in self.objects[i]]
 
     def check_unwritten(self, i: int) -> None:
         """Raise if a bound parameter of unit `i` was written in place since it was bound."""
-        for p, v in zip(self.units[i].params, self._versions[i]):
-            if p.get()._version != v:
+        for p, t, v in zip(self.units[i].params, self.objects[i], self._versions[i]):
+            if t._version != v:
                 self.snapshot_versions(i)
                 raise TensorStreamError(
                     f"{self.units[i].name}.{p.store_name} was changed in place (an optimizer step or an "

@@ -166,7 +166,8 @@ class Runtime:
         with self._lock:
             self._depth += 1
             try:
-                self._begin_pass()
+                if self._depth == 1:  # a model called from inside its own forward is one pass
+                    self._begin_pass()
                 return fn(*args, **kwargs)
             except BaseException:
                 self.recover()
@@ -228,6 +229,7 @@ class Runtime:
 
     def _enter_unit(self, i: int) -> None:
         self.ensure_configured()
+        self.placement.check_same_objects(i)
         if torch.is_grad_enabled():
             self._check_frozen(i)
         c = self.counters
