@@ -229,3 +229,23 @@ def test_resident_tensor_of_the_wrong_shape_is_refused_naming_it(tmp_path):
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(ts.StoreMismatchError, match=r"model\.norm\.weight.*\(32,\).*\(64,\)"):
         ts.from_pretrained(str(tmp_path / "ck"), ts.Config(tmp_path / "st", vram_budget_gb=0.004))
+
+
+def test_a_budget_of_the_converted_models_size_is_kept_or_refused(tmp_path):
+    # bf16 from an fp32 checkpoint: each buffer holds the fp32 read and the bf16 copy, so a
+    # budget just above the bf16 model's bytes cannot hold every unit; it is never exceeded.
+    ck = _checkpoint(tmp_path, "llama")
+    bf16 = tiny_llama(tied=False, seed=0, layers=3, dtype=torch.bfloat16)
+    budget = 1.3 * ts.estimate_model_memory(bf16) / (1 << 30)
+    try:
+        model = ts.from_pretrained(
+            ck, ts.Config(tmp_path / "st", vram_budget_gb=budget), dtype=torch.bfloat16
+        )
+    except ts.BudgetError:
+        return
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    ref_logits, _ = _reference(ck, ids, dtype=torch.bfloat16)
+    logits, _ = _run(model, ids)
+    assert torch.equal(logits, ref_logits)
+    s = ts.get_model_statistics(model)
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
