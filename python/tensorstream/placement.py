@@ -6,11 +6,11 @@ parameter whose stored dtype differs from the model's, or that is assembled from
 stored tensors (fused experts), is built in the tail of the same buffer, so it costs no
 memory outside the budget. :func:`slot_sizes` is the one formula for a unit's buffer size.
 
-Streamed parameters are :class:`StreamedParameter` objects (an ``nn.Parameter`` subclass,
-set on the model's own parameter objects, so optimizers and adapters keep their
-references). While a unit is not bound, its parameters hold a zero-memory placeholder and any
-torch operation on them reads the real values from the source instead
-(:meth:`Runtime.param_value`); writes are refused.
+While a unit is not bound, its parameters are :class:`StreamedParameter` objects (the class
+of the model's own parameter objects is switched, so optimizers and adapters keep their
+references) holding a zero-memory placeholder: any torch operation on them reads the real
+values from the source instead (:meth:`tensorstream.reads.Reads.param_value`), and writes
+are refused. Bound, they are plain ``nn.Parameter`` views of the unit's buffer.
 """
 
 from __future__ import annotations
