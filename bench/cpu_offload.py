@@ -5,9 +5,11 @@ In one run, each configuration in its own process (so peak RSS is its own), it p
 tokens/s in memory, with TensorStream at a 1 GiB budget and with Accelerate disk offload at
 the same budget (device_map="auto", max_memory={"cpu": "1GiB"}, offload_folder=...), with a
 warm page cache; the first token after the files were evicted from the page cache
-(posix_fadvise DONTNEED); and peak RSS while generating.
+(posix_fadvise DONTNEED); and peak RSS while generating. It also measures, in paired runs,
+what the check against store files changed under a running model costs (docs/reliability.md):
+TensorStream with and without it.
 
-Usage: python bench/cpu_offload.py [--budget-gb 1] [--tokens 32] [--workdir DIR]
+Usage: python bench/cpu_offload.py [--budget-gb 1] [--tokens 32] [--pairs 4] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -37,8 +40,15 @@ def child(args) -> None:
     evict = []
     if args.role == "memory":
         model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
-    elif args.role == "tensorstream":
+    elif args.role in ("tensorstream", "tensorstream-unchecked"):
         import tensorstream as ts
+
+        if args.role == "tensorstream-unchecked":
+            # The cost of the protection against files changed under a running model: the
+            # same run without its check (benchmark only; no public switch turns it off).
+            from tensorstream.sources import _OpenFiles
+
+            _OpenFiles.check_unchanged = lambda self: None
 
         model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32).eval()
         t0 = time.perf_counter()
@@ -68,7 +78,7 @@ def child(args) -> None:
     res["tok_s"], out = time_generate(model, ids, args.tokens)
     res["tokens"] = out[0].tolist()
     res["peak_rss"] = peak_rss()
-    if args.role == "tensorstream":
+    if args.role.startswith("tensorstream"):
         import tensorstream as ts
 
         s = ts.get_model_statistics(model)
@@ -129,6 +139,7 @@ def main() -> int:
     ap.add_argument("--budget-gb", type=float, default=1.0)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--pairs", type=int, default=4, help="paired runs measuring the file check's cost")
     args = ap.parse_args()
     if args.child:
         args.role = args.child
@@ -148,8 +159,21 @@ def main() -> int:
     ref = run("memory", args)
     ts_first = run("tensorstream", args)  # writes the store
     ts_res = run("tensorstream", args)  # reuses it: the measured run
+    # The file check's cost (see docs/reliability.md), from pairs of adjacent runs in
+    # alternating order: (checked, unchecked), (unchecked, checked), ...
+    pairs = []
+    for k in range(args.pairs):
+        if k % 2 == 0:
+            c = ts_res if k == 0 else run("tensorstream", args)
+            u = run("tensorstream-unchecked", args)
+        else:
+            u = run("tensorstream-unchecked", args)
+            c = run("tensorstream", args)
+        pairs.append((c, u))
+    # positive: the runs without the check were faster by that share
+    check_cost = statistics.median(u["tok_s"] / c["tok_s"] - 1 for c, u in pairs)
     acc = run("accelerate", args)
-    same_ts = ts_res["tokens"] == ref["tokens"] and ts_first["tokens"] == ref["tokens"]
+    same_ts = all(r["tokens"] == ref["tokens"] for r in [ts_first, *(r for pair in pairs for r in pair)])
     same_acc = acc["tokens"] == ref["tokens"]
     budget = args.budget_gb * 2**30
     rows = [
@@ -174,6 +198,14 @@ def main() -> int:
             f"{acc['cold_first_token_s'] / ts_res['cold_first_token_s']:.2f}x faster",
             "",
             "",
+        ],
+        [
+            "TensorStream without the file check",
+            " / ".join(f"{u['tok_s']:.2f}" for _, u in pairs),
+            "",
+            "",
+            "with it: " + " / ".join(f"{c['tok_s']:.2f}" for c, _ in pairs)
+            + f"; without the check {100 * check_cost:+.1f}% tok/s (median of {len(pairs)} adjacent pairs)",
         ],
         [
             "TensorStream peak RSS - budget",

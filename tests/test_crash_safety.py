@@ -125,7 +125,7 @@ def _zygote_main() -> None:  # pragma: no cover - runs in the subprocess
                 err = {
                     "type": type(e).__name__,
                     "is_oserror": isinstance(e, OSError),
-                    "errno": getattr(e, "os_errno", None) or getattr(e, "errno", None),
+                    "errno": getattr(e, "errno", None),  # what users read, as on any OSError
                     "msg": str(e),
                 }
                 os.write(w, ("X " + json.dumps(err) + "\n").encode())
@@ -275,7 +275,7 @@ def test_full_disk_gives_clear_error_and_leaves_nothing(tmp_path, refs, short_by
             ts.offload(m, ts.Config(d, backend="pread"))
         e = info.value
         assert isinstance(e, OSError)
-        assert e.os_errno == errno.ENOSPC, (e.os_errno, str(e))
+        assert e.errno == e.os_errno == errno.ENOSPC, (e.errno, str(e))
         assert STORE in str(e) and STORE in e.path
         assert sorted(os.listdir(d)) == [], "a partial store or temporary file was left behind"
         # The failed offload left the model intact and un-offloaded: it runs, and can be
