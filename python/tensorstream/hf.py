@@ -14,6 +14,7 @@ from torch import nn
 from . import _core
 from .budget import streamed_subset
 from .config import Config
+from .conversion import recipes
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .module import install
 from .offload import unit_sizes
@@ -50,112 +51,84 @@ def _skeleton(
         dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-    cls = auto_class or AutoModelForCausalLM
+    saved = _saved_class(hf_config) if auto_class is None else None
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if auto_class is not None:
+            model = auto_class.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        elif saved is not None:  # the class that saved the checkpoint, built as auto classes build it
+            model = saved._from_config(hf_config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(
+                hf_config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied parameters are one object, so one unit streams them
     return model.eval()
 
 
-def _checkpoint_name(model: nn.Module, name: str, available) -> Optional[str]:
-    if name in available:
-        return name
-    if ".mlp." in name and name.replace(".mlp.", ".block_sparse_moe.") in available:
-        return name.replace(".mlp.", ".block_sparse_moe.")
-    prefix = getattr(model, "base_model_prefix", "")
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1 :] in available:
-        return name[len(prefix) + 1 :]
-    if prefix and f"{prefix}.{name}" in available:
-        return f"{prefix}.{name}"
+def _saved_class(hf_config):
+    """The transformers class named by the config's `architectures` (what saved it), if any."""
+    import transformers
+
+    for name in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
     return None
 
 
-def _fused_sources(model: nn.Module, full: str, shape: tuple, available) -> Optional[list]:
-    """Checkpoint tensors that transformers fuses into one parameter on load, in memory
-    order: a mixture of experts stored per expert (``experts.{e}.w1/w3`` into
-    ``experts.gate_up_proj`` [E, 2I, H], ``experts.{e}.w2`` into ``experts.down_proj``)."""
-    for target, pieces in ((".experts.gate_up_proj", ("w1", "w3")), (".experts.down_proj", ("w2",))):
-        if not full.endswith(target):
-            continue
-        base = full[: -len(target)]
-        for old in (base, base.replace(".mlp", ".block_sparse_moe")):
-            names = [f"{old}.experts.{e}.{w}.weight" for e in range(shape[0]) for w in pieces]
-            found = [_checkpoint_name(model, n, available) for n in names]
-            if all(found):
-                return found
-    return None
-
-
-def _map_units_to_checkpoint(model, units, available) -> None:
-    """Point each streamed parameter at its checkpoint tensor name (or names, when
-    transformers fuses several checkpoint tensors into one parameter)."""
+def _map_units_to_checkpoint(model, units, found: dict) -> None:
+    """Point each streamed parameter at the recipe that makes it from checkpoint tensors."""
     names = {id(m): n for n, m in model.named_modules()}
     for u in units:
         for p in u.params:
             full = f"{names[id(p.module)]}.{p.attr}" if names.get(id(p.module)) else p.attr
-            ck = _checkpoint_name(model, full, available)
-            if ck is None:
-                fused = _fused_sources(model, full, p.shape, available)
-                if fused is None:
-                    raise StoreMismatchError(f"checkpoint has no tensor for {full!r} (unit {u.name!r})")
-                p.sources = fused
-                ck = full
-            p.store_name = ck
+            if full not in found:
+                raise StoreMismatchError(f"checkpoint has no tensor for {full!r} (unit {u.name!r})")
+            p.recipe = found[full]
 
 
-def _mappable(model, candidates: list, available) -> list:
+def _mappable(model, candidates: list, found: dict) -> list:
     """The extra candidates whose every tensor the checkpoint holds (mapped in place); the
     others can only stay resident."""
     out = []
     for u in candidates:
         try:
-            _map_units_to_checkpoint(model, [u], available)
+            _map_units_to_checkpoint(model, [u], found)
         except StoreMismatchError:
             continue
         out.append(u)
     return out
 
 
-def _load_resident(model: nn.Module, path_view: CheckpointSource, streamed: set) -> None:
-    """Materialise every parameter and buffer that is not streamed, from the checkpoint."""
+def _load_resident(model: nn.Module, ckpt: CheckpointSource, streamed: set, found: dict) -> None:
+    """Materialise every parameter that is not streamed, from the checkpoint."""
     from safetensors import safe_open
 
-    available = path_view.tensors
-    by_file: dict = {}
-    todo = []
+    todo, by_file = [], {}
     for mod_name, mod in model.named_modules():
         for attr, t in list(mod._parameters.items()):
             if t is None or id(t) in streamed or t.device.type != "meta":
                 continue
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            ck = _checkpoint_name(model, full, available)
-            todo.append((mod, attr, full, ck, t))
-            if ck is not None:
-                by_file.setdefault(available[ck].file, []).append(ck)
-    missing = []
+            r = found.get(f"{mod_name}.{attr}" if mod_name else attr)
+            if r is not None:
+                todo.append((mod, attr, r, t))
+                for n in r.sources:
+                    by_file.setdefault(ckpt.tensors[n].file, set()).add(n)
     loaded: dict = {}
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
-            for ck in names:
-                loaded[ck] = f.get_tensor(ck)
-    for mod, attr, full, ck, t in todo:
-        if ck is None:
-            missing.append(full)
-            continue
-        if tuple(loaded[ck].shape) != tuple(t.shape):
-            raise StoreMismatchError(
-                f"checkpoint {available[ck].file}: tensor {ck!r} has shape {tuple(loaded[ck].shape)}, but the model's "
-                f"configuration makes {full!r} {tuple(t.shape)}; the checkpoint and its config.json do not match"
-            )
-        value = loaded[ck].to(t.dtype)
+            for n in names:
+                loaded[n] = f.get_tensor(n)
+    for mod, attr, r, t in todo:
+        value = r.value([loaded[n] for n in r.sources]).to(t.dtype)
         mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in streamed]
     if still_meta:
         raise StoreMismatchError(
-            f"checkpoint {path_view.path} lacks {len(still_meta)} tensor(s) the model needs: {still_meta[:5]}"
+            f"checkpoint {ckpt.path} lacks {len(still_meta)} tensor(s) the model needs: {still_meta[:5]}"
         )
 
 
@@ -171,12 +144,16 @@ def from_pretrained(
 ) -> nn.Module:
     """Load a Hugging Face checkpoint for streaming, never materialising the streamed layers.
 
-    The model skeleton is built on the meta device; only the modules that are not streamed
-    (embeddings, norms, head) are read into memory. The layers are streamed from the
-    checkpoint's safetensors files where they lie (sharded or not, no conversion), or from a
-    store made by :func:`convert` when `store` is given (or found under
-    `config.storage_path` for this checkpoint). A checkpoint dtype different from `dtype` is
-    converted on the fly, into the layer's own budgeted buffer.
+    The model skeleton is built on the meta device (the class named by the checkpoint's
+    ``config.architectures`` unless `auto_class` is given); only the modules that are not
+    streamed (embeddings, norms, head) are read into memory. Checkpoint names map to
+    parameters by transformers' own loading rules. The layers are streamed from the
+    checkpoint's safetensors files where they lie (sharded or not) when each streamed
+    parameter is one stored tensor in the dtype asked for. Otherwise (experts stored one by
+    one that transformers fuses, another dtype, any other conversion) the checkpoint is
+    converted once, tensor by tensor, into a store under `config.storage_path`, reused by
+    later loads of the same files, and the layers stream from it: a slot then holds only the
+    converted bytes. `store` names a store made by :func:`convert` to use instead.
     """
     path = resolve_checkpoint(name_or_path)
     model = _skeleton(path, auto_class, dtype, trust_remote_code)
@@ -186,21 +163,26 @@ def from_pretrained(
             f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])"
         )
     ckpt = CheckpointSource(path)
-    _map_units_to_checkpoint(model, units, ckpt.tensors)
+    found = recipes(model, ckpt.tensors)
+    _map_units_to_checkpoint(model, units, found)
     candidates = with_candidates(model, units)[len(units) :]
     store_path = store or _find_store(config, model, path, units)
+    if not store_path and not _streams_in_place(units, ckpt):
+        store_path = convert(
+            path, _cache_path(config, model, path, units), config=config, auto_class=auto_class, dtype=dtype
+        )
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
         for u in units + candidates:  # stores name tensors relative to their unit
             for p in u.params:
                 p.store_name = _relative_name(model, u, p)
-                p.sources = None
+                p.recipe = None
     else:
         source = ckpt
-        candidates = _mappable(model, candidates, ckpt.tensors)
+        candidates = _mappable(model, candidates, found)
     units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config)
     streamed = {id(p.get()) for u in units for p in u.params}
-    _load_resident(model, ckpt, streamed)
+    _load_resident(model, ckpt, streamed, found)
     # Streamed parameters leave the meta device for placeholders of their final shape.
     for u in units:
         for p in u.params:
@@ -239,21 +221,47 @@ def _checkpoint_id(path: str) -> str:
     return h.hexdigest()[:32]
 
 
+def _streams_in_place(units: list, ckpt: CheckpointSource) -> bool:
+    """Whether every streamed parameter is one checkpoint tensor as stored, in its dtype."""
+    return all(
+        p.recipe.converter is None
+        and len(p.recipe.sources) == 1
+        and ckpt.tensors[p.recipe.sources[0]].dtype == TORCH_TO_ST[p.dtype]
+        for u in units
+        for p in u.params
+    )
+
+
+def _cache_path(config: Config, model: nn.Module, path: str, units: list) -> Path:
+    """Where from_pretrained converts a checkpoint it cannot stream in place: named by the
+    checkpoint's identity and the dtypes, so that one storage_path holds the stores of
+    several checkpoints and dtypes side by side."""
+    if config.store_name:
+        return Path(config.storage_path) / config.store_name
+    dtypes = "-".join(sorted({TORCH_TO_ST[p.dtype] for u in units for p in u.params}))
+    return Path(config.storage_path) / f"{type(model).__name__}.{_checkpoint_id(path)[:16]}.{dtypes}.tstore"
+
+
 def _find_store(config: Config, model: nn.Module, path: str, units: list) -> Optional[str]:
-    """A store under `config.storage_path` converted from this checkpoint, in the dtypes the
-    model asks for (a store converted to another dtype holds rounded values: not a match)."""
-    cand = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
-    if not cand.exists():
-        return None
-    try:
-        st = _core.Store(str(cand))
-    except StoreCorruptedError:
-        return None
-    if st.metadata.get("source_checkpoint_id") != _checkpoint_id(path):
-        return None
-    stored = {t.dtype for i in range(len(st.units())) for t in st.layout(i).tensors}
+    """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
+    by an earlier from_pretrained), in the dtypes the model asks for (a store converted to
+    another dtype holds rounded values: not a match)."""
     wanted = {TORCH_TO_ST[p.dtype] for u in units for p in u.params}
-    return str(cand) if stored == wanted else None
+    ident = _checkpoint_id(path)
+    named = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
+    for cand in (named, _cache_path(config, model, path, units)):
+        if not cand.exists():
+            continue
+        try:
+            st = _core.Store(str(cand))
+        except StoreCorruptedError:
+            continue
+        if st.metadata.get("source_checkpoint_id") != ident:
+            continue
+        stored = {t.dtype for i in range(len(st.units())) for t in st.layout(i).tensors}
+        if stored == wanted:
+            return str(cand)
+    return None
 
 
 def convert(
@@ -276,11 +284,12 @@ def convert(
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
     ckpt = CheckpointSource(path)
-    _map_units_to_checkpoint(model, units, ckpt.tensors)
+    _map_units_to_checkpoint(model, units, recipes(model, ckpt.tensors))
     out = Path(store)
     if out.is_dir() or not out.suffix:
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"{type(model).__name__}.tstore"
+    out.parent.mkdir(parents=True, exist_ok=True)
     total = sum(ckpt.tensors[n].nbytes for u in units for p in u.params for n in p.source_names)
     bar = None
     if progress:
@@ -306,8 +315,8 @@ def convert(
                     if f is None:
                         handles.clear()  # one shard open at a time keeps the mapping small
                         f = handles[file] = safe_open(file, framework="pt")
-                    pieces.append(f.get_tensor(src).to(p.dtype).reshape(-1))
-                t = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(p.shape).contiguous()
+                    pieces.append(f.get_tensor(src))
+                t = p.recipe.value(pieces).to(p.dtype).contiguous()
                 del pieces
                 rel = _relative_name(model, u, p)
                 nbytes = t.numel() * t.element_size()

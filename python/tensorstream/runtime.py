@@ -343,7 +343,7 @@ class Runtime:
         mods = dict(model.named_modules(remove_duplicate=False))
         units = []
         for idx, (name, paths, params) in enumerate(spec):
-            refs = [ParamRef(mods[mp], p.attr, p.store_name, p.dtype, p.shape, p.sources) for mp, p in params]
+            refs = [ParamRef(mods[mp], p.attr, p.store_name, p.dtype, p.shape, p.recipe) for mp, p in params]
             units.append(UnitSpec(index=idx, name=name, modules=[mods[m] for m in paths], params=refs))
         Runtime.__init__(self, model, units, source, config, device)
         self.placement.adopt(self)

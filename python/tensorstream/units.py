@@ -41,13 +41,14 @@ class ParamRef:
     store_name: str
     dtype: torch.dtype
     shape: tuple
-    sources: Optional[list] = None
-    """Checkpoint tensors concatenated, in order, into this parameter (fused layouts such as
-    a mixture of experts stored per expert); None: the one tensor `store_name`."""
+    recipe: Optional[object] = None
+    """Where the parameter streams from a checkpoint: how its value is made from checkpoint
+    tensors (a `conversion.Recipe`, by transformers' loading rules); None: it is the one
+    stored tensor `store_name`."""
 
     @property
     def source_names(self) -> list:
-        return self.sources if self.sources else [self.store_name]
+        return list(self.recipe.sources) if self.recipe else [self.store_name]
 
     def get(self) -> nn.Parameter:
         return self.module._parameters[self.attr]
