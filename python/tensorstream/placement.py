@@ -36,7 +36,6 @@ class Part:
     dtype: torch.dtype
     offset: int
     nbytes: int
-    shape: tuple
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,6 @@ class ParamSlot:
     dtype: torch.dtype
     converted_at: Optional[int]
     """Offset of the parameter built in the buffer's tail, or None: a view of its one part."""
-    recipe: Optional[object] = None
-    """A `conversion.Recipe` whose converter builds the value from the parts; None: the
-    parts' elements in order."""
 
 
 def _param_slots(unit, layout, path: str) -> tuple:
@@ -61,23 +57,20 @@ def _param_slots(unit, layout, path: str) -> tuple:
         parts, numel, shape = [], 0, ()
         for name in p.source_names:
             t = by_name[name]
-            parts.append(Part(name, ST_TO_TORCH[t.dtype], t.offset, t.nbytes, tuple(t.shape)))
+            parts.append(Part(name, ST_TO_TORCH[t.dtype], t.offset, t.nbytes))
             numel += _numel(t.shape)
             shape = t.shape
-        built = p.recipe if p.recipe is not None and p.recipe.converter is not None else None
-        if built is None and (
-            (len(parts) == 1 and tuple(shape) != tuple(p.shape)) or numel != _numel(p.shape)
-        ):
+        if (len(parts) == 1 and tuple(shape) != tuple(p.shape)) or numel != _numel(p.shape):
             raise StoreMismatchError(
                 f"{path}: tensor {p.store_name!r} of unit {unit.name!r} has shape {tuple(shape)}, "
                 f"the model expects {tuple(p.shape)}"
             )
         conv = None
-        if built is not None or len(parts) > 1 or parts[0].dtype != p.dtype:
+        if len(parts) > 1 or parts[0].dtype != p.dtype:
             tail = (tail + 255) // 256 * 256
             conv = tail
-            tail += _numel(p.shape) * _itemsize(p.dtype)
-        slots.append(ParamSlot(tuple(parts), tuple(p.shape), p.dtype, conv, built))
+            tail += numel * _itemsize(p.dtype)
+        slots.append(ParamSlot(tuple(parts), tuple(p.shape), p.dtype, conv))
     return slots, (tail + PAGE - 1) // PAGE * PAGE
 
 
@@ -275,19 +268,12 @@ class Placement:
                 continue
             flat = buf[s.converted_at : s.converted_at + _numel(s.shape) * _itemsize(s.dtype)].view(s.dtype)
             if convert:
-                srcs = [
-                    buf[base_offset + part.offset : base_offset + part.offset + part.nbytes].view(part.dtype)
-                    for part in s.parts
-                ]
-                if s.recipe is not None:
-                    flat.view(s.shape).copy_(
-                        s.recipe.value([t.view(part.shape) for t, part in zip(srcs, s.parts)])
-                    )
-                else:
-                    k = 0
-                    for src in srcs:
-                        flat[k : k + src.numel()].copy_(src)
-                        k += src.numel()
+                k = 0
+                for part in s.parts:
+                    start = base_offset + part.offset
+                    src = buf[start : start + part.nbytes].view(part.dtype)
+                    flat[k : k + src.numel()].copy_(src)
+                    k += src.numel()
             out.append(flat.view(s.shape))
         return out
 

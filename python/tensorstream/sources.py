@@ -137,11 +137,7 @@ class CheckpointSource:
         self.fds = self.files_open.fds
 
     def layouts(self, units: list) -> list:
-        # A tensor split into several parameters (a fused qkv) is read once.
-        return [
-            self.view.layout(u.name, list(dict.fromkeys(n for p in u.params for n in p.source_names)))
-            for u in units
-        ]
+        return [self.view.layout(u.name, [n for p in u.params for n in p.source_names]) for u in units]
 
     def span(self, unit: str, part) -> Optional[tuple]:
         """(fd, file offset) of a stored tensor's bytes."""
