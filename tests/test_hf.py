@@ -3,6 +3,7 @@ streamed in place or through a converted store, for Llama, Qwen2, GPT-2 and Mixt
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -272,3 +273,44 @@ def test_a_checkpoint_that_needs_conversion_is_converted_once_and_stores_of_two_
         want, _ = _reference(path, ids)
         with torch.no_grad():
             assert torch.equal(model(ids).logits, want)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pytorch_bin_checkpoint_is_converted_and_bit_identical(tmp_path, sharded):
+    """Checkpoints of PyTorch pickles (`pytorch_model.bin`, with an index when sharded), as
+    older transformers saved them: converted into a store shard by shard, then streamed."""
+    from safetensors.torch import load_file
+
+    st = tmp_path / "st-ckpt"
+    BUILDERS["llama"](0).save_pretrained(st, max_shard_size="150KB")
+    ck = tmp_path / "bin-ckpt"
+    ck.mkdir()
+    (ck / "config.json").write_text((st / "config.json").read_text())
+    tensors = {}
+    for f in sorted(st.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    if sharded:
+        names = sorted(tensors)
+        halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+        weight_map = {}
+        for k, part in enumerate(halves):
+            file = f"pytorch_model-{k + 1:05d}-of-00002.bin"
+            torch.save({n: tensors[n] for n in part}, ck / file)
+            weight_map.update({n: file for n in part})
+        (ck / "pytorch_model.bin.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
+    else:
+        torch.save(tensors, ck / "pytorch_model.bin")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(7))
+    ref_logits, ref_tokens = _reference(str(ck), ids)
+    model = ts.from_pretrained(str(ck), ts.Config(tmp_path / "cache", vram_budget_gb=0.004))
+    logits, tokens = _run(model, ids)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
+    assert ts.get_model_statistics(model)["source"] == "store"
+
+
+def test_a_directory_without_weights_says_what_it_lacks(tmp_path):
+    BUILDERS["llama"](0).config.save_pretrained(tmp_path / "empty")
+    with pytest.raises(InvalidArgumentError, match="pytorch_model.bin"):
+        ts.from_pretrained(str(tmp_path / "empty"), ts.Config(tmp_path / "cache"))

@@ -4,9 +4,10 @@ layers (`from_pretrained`), and convert a checkpoint into an aligned store (`con
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -37,6 +38,72 @@ def resolve_checkpoint(name_or_path: str) -> str:
             f"({type(e).__name__}). TensorStream never downloads: fetch the checkpoint first "
             "(for example with `huggingface-cli download`) or pass a local directory."
         ) from None
+
+
+class _Entry(NamedTuple):
+    dtype: str
+    shape: list
+    file: str
+    nbytes: int
+
+
+class _Checkpoint:
+    """A checkpoint's tensors by name, whatever its format: safetensors files, which can
+    stream where they lie (`source`), or PyTorch pickles (``pytorch_model.bin``, sharded or
+    not), read mapped and weights-only, one file at a time, to be converted."""
+
+    def __init__(self, path: str):
+        self.path = path
+        bins = _bin_files(path)
+        self.source = CheckpointSource(path) if bins is None else None
+        self.files = self.source.files if self.source else bins
+        self.tensors = self.source.tensors if self.source else {}
+        for f in bins or []:
+            for name, t in _load_bin(f).items():
+                self.tensors[name] = _Entry(
+                    TORCH_TO_ST[t.dtype], list(t.shape), f, t.numel() * t.element_size()
+                )
+        self._open: tuple = (None, None)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor; the file it is in stays open until a tensor of another file is read."""
+        file = self.tensors[name].file
+        if self._open[0] != file:
+            self._open = (None, None)
+            if self.source:
+                from safetensors import safe_open
+
+                self._open = (file, safe_open(file, framework="pt"))
+            else:
+                self._open = (file, _load_bin(file))
+        handle = self._open[1]
+        return handle.get_tensor(name) if self.source else handle[name]
+
+    def close(self) -> None:
+        self._open = (None, None)
+
+
+def _bin_files(path: str) -> Optional[list]:
+    """The PyTorch pickle files of a checkpoint directory that has no safetensors files, or
+    None where it has them."""
+    p = Path(path)
+    if not p.is_dir() or (p / "model.safetensors").exists() or (p / "model.safetensors.index.json").exists():
+        return None
+    index = p / "pytorch_model.bin.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return [str(p / f) for f in dict.fromkeys(weight_map.values())]
+    if (p / "pytorch_model.bin").exists():
+        return [str(p / "pytorch_model.bin")]
+    raise InvalidArgumentError(
+        f"{path} holds no weights that TensorStream reads: no model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def _load_bin(file: str) -> dict:
+    # Mapped: the file's pages are read when a tensor is used, so a shard is never all in RAM.
+    return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
 
 
 def _skeleton(
@@ -101,11 +168,9 @@ def _mappable(model, candidates: list, found: dict) -> list:
     return out
 
 
-def _load_resident(model: nn.Module, ckpt: CheckpointSource, streamed: set, found: dict) -> None:
+def _load_resident(model: nn.Module, ckpt: _Checkpoint, streamed: set, found: dict) -> None:
     """Materialise every parameter that is not streamed, from the checkpoint."""
-    from safetensors import safe_open
-
-    todo, by_file = [], {}
+    todo = []
     for mod_name, mod in model.named_modules():
         for attr, t in list(mod._parameters.items()):
             if t is None or id(t) in streamed or t.device.type != "meta":
@@ -113,13 +178,10 @@ def _load_resident(model: nn.Module, ckpt: CheckpointSource, streamed: set, foun
             r = found.get(f"{mod_name}.{attr}" if mod_name else attr)
             if r is not None:
                 todo.append((mod, attr, r, t))
-                for n in r.sources:
-                    by_file.setdefault(ckpt.tensors[n].file, set()).add(n)
-    loaded: dict = {}
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for n in names:
-                loaded[n] = f.get_tensor(n)
+    # Read file by file: each file is opened once.
+    names = sorted({n for *_, r, _ in todo for n in r.sources}, key=lambda n: ckpt.tensors[n].file)
+    loaded = {n: ckpt.get(n) for n in names}
+    ckpt.close()
     for mod, attr, r, t in todo:
         value = r.value([loaded[n] for n in r.sources]).to(t.dtype)
         mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -162,14 +224,14 @@ def from_pretrained(
         raise InvalidArgumentError(
             f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])"
         )
-    ckpt = CheckpointSource(path)
+    ckpt = _Checkpoint(path)
     found = recipes(model, ckpt.tensors)
     _map_units_to_checkpoint(model, units, found)
     candidates = with_candidates(model, units)[len(units) :]
-    store_path = store or _find_store(config, model, path, units)
+    store_path = store or _find_store(config, model, ckpt, units)
     if not store_path and not _streams_in_place(units, ckpt):
         store_path = convert(
-            path, _cache_path(config, model, path, units), config=config, auto_class=auto_class, dtype=dtype
+            path, _cache_path(config, model, ckpt, units), config=config, auto_class=auto_class, dtype=dtype
         )
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
@@ -178,7 +240,7 @@ def from_pretrained(
                 p.store_name = _relative_name(model, u, p)
                 p.recipe = None
     else:
-        source = ckpt
+        source = ckpt.source
         candidates = _mappable(model, candidates, found)
     units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config)
     streamed = {id(p.get()) for u in units for p in u.params}
@@ -207,23 +269,24 @@ def _relative_name(model: nn.Module, unit, p) -> str:
     return p.attr
 
 
-def _checkpoint_id(path: str) -> str:
+def _checkpoint_id(ckpt: _Checkpoint) -> str:
     """Identity of a checkpoint's files: names, sizes, safetensors headers, and which file
     it is and when its content last changed (device, inode, mtime): weights saved over a
     checkpoint with the same shapes change the last, not the others."""
     h = hashlib.sha256()
-    for f in CheckpointSource(path).files:
+    for f in ckpt.files:
         st = os.stat(f)
         h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}".encode())
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100 << 20)))
+        if ckpt.source:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 100 << 20)))
     return h.hexdigest()[:32]
 
 
-def _streams_in_place(units: list, ckpt: CheckpointSource) -> bool:
-    """Whether every streamed parameter is one checkpoint tensor as stored, in its dtype."""
-    return all(
+def _streams_in_place(units: list, ckpt: _Checkpoint) -> bool:
+    """Whether every streamed parameter is one safetensors tensor as stored, in its dtype."""
+    return ckpt.source is not None and all(
         p.recipe.converter is None
         and len(p.recipe.sources) == 1
         and ckpt.tensors[p.recipe.sources[0]].dtype == TORCH_TO_ST[p.dtype]
@@ -232,24 +295,24 @@ def _streams_in_place(units: list, ckpt: CheckpointSource) -> bool:
     )
 
 
-def _cache_path(config: Config, model: nn.Module, path: str, units: list) -> Path:
+def _cache_path(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Path:
     """Where from_pretrained converts a checkpoint it cannot stream in place: named by the
     checkpoint's identity and the dtypes, so that one storage_path holds the stores of
     several checkpoints and dtypes side by side."""
     if config.store_name:
         return Path(config.storage_path) / config.store_name
     dtypes = "-".join(sorted({TORCH_TO_ST[p.dtype] for u in units for p in u.params}))
-    return Path(config.storage_path) / f"{type(model).__name__}.{_checkpoint_id(path)[:16]}.{dtypes}.tstore"
+    return Path(config.storage_path) / f"{type(model).__name__}.{_checkpoint_id(ckpt)[:16]}.{dtypes}.tstore"
 
 
-def _find_store(config: Config, model: nn.Module, path: str, units: list) -> Optional[str]:
+def _find_store(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Optional[str]:
     """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
     by an earlier from_pretrained), in the dtypes the model asks for (a store converted to
     another dtype holds rounded values: not a match)."""
     wanted = {TORCH_TO_ST[p.dtype] for u in units for p in u.params}
-    ident = _checkpoint_id(path)
+    ident = _checkpoint_id(ckpt)
     named = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
-    for cand in (named, _cache_path(config, model, path, units)):
+    for cand in (named, _cache_path(config, model, ckpt, units)):
         if not cand.exists():
             continue
         try:
@@ -273,17 +336,16 @@ def convert(
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
 ) -> str:
-    """Write an aligned, checksummed store from a safetensors checkpoint, tensor by tensor
-    (constant memory), atomically. `store` is a file path or a directory (then the file is
+    """Write an aligned, checksummed store from a checkpoint (safetensors, or PyTorch
+    ``pytorch_model.bin`` files, sharded or not), tensor by tensor (one file open at a time,
+    mapped), atomically. `store` is a file path or a directory (then the file is
     ``<ModelClass>.tstore`` inside it). Returns the store's path. With
     ``config.compression_enabled`` the units are compressed losslessly at
     ``config.compression_level``."""
-    from safetensors import safe_open
-
     path = resolve_checkpoint(checkpoint)
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
-    ckpt = CheckpointSource(path)
+    ckpt = _Checkpoint(path)
     _map_units_to_checkpoint(model, units, recipes(model, ckpt.tensors))
     out = Path(store)
     if out.is_dir() or not out.suffix:
@@ -299,7 +361,6 @@ def convert(
     fp = hashlib.sha256()
     fp.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
     writer = _core.StoreWriter(str(out), "pending")
-    handles: dict = {}
     try:
         # Config(compression_enabled=True): units coded losslessly, at compression_level.
         compress = config is not None and config.compression_enabled
@@ -308,14 +369,7 @@ def convert(
             writer.begin_unit(u.name)
             fp.update(f"|unit:{u.name}".encode())
             for p in u.params:
-                pieces = []
-                for src in p.source_names:
-                    file = ckpt.tensors[src].file
-                    f = handles.get(file)
-                    if f is None:
-                        handles.clear()  # one shard open at a time keeps the mapping small
-                        f = handles[file] = safe_open(file, framework="pt")
-                    pieces.append(f.get_tensor(src))
+                pieces = [ckpt.get(n) for n in p.source_names]
                 t = p.recipe.value(pieces).to(p.dtype).contiguous()
                 del pieces
                 rel = _relative_name(model, u, p)
@@ -327,9 +381,9 @@ def convert(
                     bar.update(sum(ckpt.tensors[n].nbytes for n in p.source_names))
                 del t
             writer.end_unit()
-        handles.clear()
+        ckpt.close()
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
-        writer.set_metadata("source_checkpoint_id", _checkpoint_id(path))
+        writer.set_metadata("source_checkpoint_id", _checkpoint_id(ckpt))
         writer.set_metadata("writer", "tensorstream convert " + _core.__version__)
         writer.set_fingerprint(fp.hexdigest()[:32])
         result = writer.finish()
