@@ -160,6 +160,47 @@ FAMILIES = {
         ),
         "image",
     ),
+    "clip": (
+        "CLIPConfig",
+        dict(
+            text_config=dict(
+                hidden_size=H,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                vocab_size=V,
+                max_position_embeddings=16,
+            ),
+            vision_config=dict(
+                hidden_size=H,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=32,
+        ),
+        "clip",
+    ),
+    "llava": (
+        "LlavaConfig",
+        dict(
+            text_config=dict(model_type="llama", **DEC, num_hidden_layers=6, num_key_value_heads=2),
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=H,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+                projection_dim=32,
+            ),
+            image_token_id=V - 1,
+        ),
+        "vlm",
+    ),
 }
 
 AUTO = {
@@ -168,6 +209,8 @@ AUTO = {
     "speech": "AutoModelForSpeechSeq2Seq",
     "encoder": "AutoModelForMaskedLM",
     "image": "AutoModelForImageClassification",
+    "clip": "AutoModel",
+    "vlm": "AutoModelForImageTextToText",
 }
 
 
@@ -199,14 +242,22 @@ def _inputs(model, kind: str) -> dict:
             "input_features": torch.randn(2, c.num_mel_bins, 2 * c.max_source_positions, generator=g),
             "decoder_input_ids": torch.randint(3, V, (2, 5), generator=g),
         }
-    return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    if kind == "image":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    if kind == "clip":
+        return {"input_ids": torch.randint(3, V, (2, 7), generator=g), "pixel_values": pixels}
+    # vlm: each image becomes 16 patch tokens (32 / 8 squared) at the image token's place
+    text = torch.randint(3, V - 1, (2, 6), generator=g)
+    image = torch.full((2, 16), model.config.image_token_id)
+    return {"input_ids": torch.cat([text[:, :2], image, text[:, 2:]], 1), "pixel_values": pixels}
 
 
 def _outputs(model, kind: str, inputs: dict) -> list:
     with torch.no_grad():
         out = model(**inputs)
-        res = [out.logits]
-        if kind in ("causal", "seq2seq", "speech"):
+        res = [out.logits_per_image, out.text_embeds, out.image_embeds] if kind == "clip" else [out.logits]
+        if kind in ("causal", "seq2seq", "speech", "vlm"):
             gen = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
             res.append(model.generate(**gen, max_new_tokens=4, do_sample=False))
     return res
