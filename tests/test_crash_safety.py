@@ -304,11 +304,29 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, zygote):
     assert sorted(os.listdir(d)) == [], "a partial store or temporary file was left behind"
 
 
-def test_stale_temp_of_a_dead_writer_is_removed_but_a_live_writers_is_kept(tmp_path, refs):
+def _in_new_pid_namespace() -> list:
+    """The command prefix that runs a process in a PID namespace of its own (as a writer in
+    another container sharing the volume runs), or skip where unshare is not allowed."""
+    try:
+        ok = (
+            subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=10).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        pytest.skip("unshare --pid is not allowed here")
+    return ["unshare", "--pid", "--fork", "--kill-child"]
+
+
+@pytest.mark.parametrize("namespace", ["same", "new"])
+def test_stale_temp_of_a_dead_writer_is_removed_but_a_live_writers_is_kept(tmp_path, refs, namespace):
     """The next offload() removes temporary files whose writer is gone, never one whose
     writer is alive (it may be another process writing right now). A live writer holds an
     exclusive flock on its temporary file; the PID in the name proves nothing (a writer in
-    another PID namespace sharing the folder has a PID this process cannot see)."""
+    another PID namespace sharing the folder has a PID this process cannot see: `new` runs
+    the writer in one)."""
+    prefix = _in_new_pid_namespace() if namespace == "new" else []
     d = tmp_path / "s"
     d.mkdir()
     dead = subprocess.Popen(["true"])
@@ -319,7 +337,7 @@ def test_stale_temp_of_a_dead_writer_is_removed_but_a_live_writers_is_kept(tmp_p
     live.write_bytes(b"\0" * 8192)
     other_ns = d / f".{STORE}.tmp-1-{dead.pid}"  # a dead PID here, but a writer holds it
     other_ns.write_bytes(b"\0" * 8192)
-    writer = subprocess.Popen(["flock", "--exclusive", str(other_ns), "sleep", "30"])
+    writer = subprocess.Popen([*prefix, "flock", "--exclusive", str(other_ns), "sleep", "30"])
     try:
         deadline = time.time() + 10
         while time.time() < deadline:  # wait until the lock is taken

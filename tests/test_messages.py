@@ -69,3 +69,20 @@ def test_inspect_refuses_an_edited_manifest(tmp_path, capsys):
     _edit_manifest(path, lambda m: _swap(m, b"self_attn.q_proj.weight", b"self_attn.o_proj.weight"))
     assert main(["inspect", "--no-verify", str(path)]) == 2
     assert "manifest describes other tensors" in capsys.readouterr().err
+
+
+def test_checkpoint_metadata_that_is_not_a_string_is_refused_naming_the_file(tmp_path):
+    """The safetensors format allows only strings in `__metadata__`."""
+    import json
+    import struct
+
+    tiny_llama(tied=False).save_pretrained(tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = {"format": 1}
+    edited = json.dumps(header, separators=(",", ":")).encode()
+    f.write_bytes(data[:8] + edited.ljust(n) + data[8 + n :])
+    with pytest.raises(ts.StoreCorruptedError, match="model.safetensors.*__metadata__ entry 'format' is 1"):
+        ts.from_pretrained(str(tmp_path / "ck"), ts.Config(tmp_path / "st"))

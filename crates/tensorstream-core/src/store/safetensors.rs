@@ -328,10 +328,15 @@ pub(crate) fn parse_header(path: &Path, file: usize, file_len: u64, json: &[u8])
     let mut meta = BTreeMap::new();
     for (name, entry) in obj {
         if name == "__metadata__" {
-            if let Some(m) = entry.as_object() {
-                for (k, v) in m {
-                    meta.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                }
+            // The format allows a string-to-string map here, and nothing else.
+            let m = entry
+                .as_object()
+                .ok_or_else(|| bad("__metadata__ is not a JSON object".into()))?;
+            for (k, v) in m {
+                let v = v.as_str().ok_or_else(|| {
+                    bad(format!("__metadata__ entry '{k}' is {v}, not a string"))
+                })?;
+                meta.insert(k.clone(), v.to_string());
             }
             continue;
         }
