@@ -23,6 +23,11 @@ def test_storage_path_with_a_nul_byte_is_a_config_error():
         ts.Config("/tmp/a\x00b")
 
 
+def test_storage_path_too_long_for_the_file_system_is_a_config_error_naming_it(tmp_path):
+    with pytest.raises(ts.ConfigError, match="storage_path="):
+        _offloaded(tmp_path / ("a" * 300))
+
+
 def test_storage_path_that_is_a_file_is_a_config_error_naming_it(tmp_path):
     f = tmp_path / "a-file"
     f.write_text("not a directory")
