@@ -101,6 +101,40 @@ def drop_caches(paths) -> None:
             _core.drop_page_cache(p)
 
 
+def page_cache_share(paths) -> float:
+    """The share of the files' bytes (files or directories of files) that the page cache
+    holds right now, from mincore(2): 0.0 all on disk, 1.0 all in memory."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    resident = total = 0
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += [os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs]
+        elif os.path.exists(p):
+            files.append(p)
+    for f in files:
+        size = os.path.getsize(f)
+        if size == 0:
+            continue
+        pages = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * pages)()
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)  # mapping reads nothing
+            head = ctypes.c_char.from_buffer(m)
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(head)), ctypes.c_size_t(size), vec)
+            del head
+            m.close()
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), f"mincore {f}")
+        resident += sum(v & 1 for v in vec) * page
+        total += pages * page
+    return resident / total if total else 0.0
+
+
 def git_rev() -> str:
     try:
         return subprocess.check_output(
