@@ -56,6 +56,28 @@ FAMILIES = {
     "starcoder2": _causal("Starcoder2Config", num_key_value_heads=2),
     "stablelm": _causal("StableLmConfig", num_key_value_heads=2),
     "olmoe": _causal("OlmoeConfig", num_experts=8, num_experts_per_tok=2, num_key_value_heads=2),
+    "qwen3": _causal("Qwen3Config", num_key_value_heads=2, head_dim=16),
+    "granite": _causal("GraniteConfig", num_key_value_heads=2),
+    "cohere": _causal("CohereConfig", num_key_value_heads=2),
+    "olmo2": _causal("Olmo2Config", num_key_value_heads=2),
+    "phi": _causal("PhiConfig"),
+    "phimoe": _causal("PhimoeConfig", num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
+    "granitemoe": _causal(
+        "GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2
+    ),
+    "jamba": _causal(
+        "JambaConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_key_value_heads=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        use_mamba_kernels=False,
+    ),
+    "gpt2": ("GPT2Config", dict(n_embd=H, n_layer=6, n_head=4, vocab_size=V, n_positions=64), "causal"),
     "gptj": (
         "GPTJConfig",
         dict(n_embd=H, n_layer=6, n_head=4, vocab_size=V, n_positions=64, rotary_dim=8),
