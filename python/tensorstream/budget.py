@@ -68,6 +68,20 @@ def device_capacity(device: torch.device) -> int:
     return total_ram()
 
 
+def room_for_units(model: nn.Module, units: list, sizes: list, budget: int, explicit: bool = True) -> int:
+    """Bytes the planner may fill with `units` (of buffer sizes `sizes`) under `budget`: what
+    the modules left resident leave, or room for every unit when an `explicit` budget holds
+    the whole model and the buffers add only their alignment (a budget of the model's own
+    size is never refused). :func:`plan` and :func:`streamed_subset` both decide with it."""
+    resident, streamed = resident_bytes(model, units), sum(u.nbytes for u in units)
+    room = budget - resident
+    padding = sum(sizes) - streamed
+    alignment = sum(PAGE * (len(u.params) + 1) for u in units)  # what buffers add beyond the bytes
+    if explicit and budget >= resident + streamed and padding <= alignment:  # the model's own bytes
+        room = max(room, sum(sizes))
+    return room
+
+
 def plan(
     model: nn.Module,
     units: list,
@@ -100,11 +114,7 @@ def plan(
             )
     else:
         budget = min(max(default_budget(device) - unused, 0), resident + sum(sizes))
-    unit_budget = budget - resident
-    padding = sum(sizes) - sum(u.nbytes for u in units)
-    alignment = sum(PAGE * (len(u.params) + 1) for u in units)  # what buffers add beyond the bytes
-    if config.budget_bytes is not None and budget >= model_bytes(model, units) and padding <= alignment:
-        unit_budget = max(unit_budget, sum(sizes))
+    unit_budget = room_for_units(model, units, sizes, budget, explicit=config.budget_bytes is not None)
     need = window_bytes(sizes, config)
     if unit_budget < need:
         largest = max(sizes) if sizes else 0
@@ -122,12 +132,14 @@ def plan(
 
 def streamed_subset(model: nn.Module, units: list, candidates: list, sizes: dict, config: Config) -> list:
     """The units to stream: `units`, plus as few `candidates` (largest first) as it takes for
-    the modules left resident to fit the budget beside the streaming window. `sizes` maps a
-    unit's name to its buffer size. Returns fresh UnitSpecs indexed from 0."""
+    the modules left resident to fit the budget beside the streaming window, decided as
+    :func:`plan` decides. `sizes` maps a unit's name to its buffer size. Returns fresh
+    UnitSpecs indexed from 0."""
     budget: Optional[int] = config.budget_bytes
 
     def fits(us: list) -> bool:
-        return resident_bytes(model, us) + window_bytes([sizes[u.name] for u in us], config) <= budget
+        us_sizes = [sizes[u.name] for u in us]
+        return room_for_units(model, us, us_sizes, budget) >= window_bytes(us_sizes, config)
 
     chosen = list(units)
     if budget is not None:

@@ -245,12 +245,17 @@ def from_pretrained(
     units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config)
     streamed = {id(p.get()) for u in units for p in u.params}
     _load_resident(model, ckpt, streamed, found)
-    # Streamed parameters leave the meta device for placeholders of their final shape.
-    for u in units:
-        for p in u.params:
-            p.module._parameters[p.attr] = nn.Parameter(
-                torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False
-            )
+    # Streamed parameters leave the meta device for placeholders of their final shape; a tied
+    # one gets the same placeholder in every module that registers it, so it stays tied.
+    placeholders = {
+        id(p.get()): nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+        for u in units
+        for p in u.params
+    }
+    for mod in model.modules():
+        for attr, t in list(mod._parameters.items()):
+            if t is not None and id(t) in placeholders:
+                mod._parameters[attr] = placeholders[id(t)]
     install(model, Runtime(model, units, source, config, torch.device("cpu")))
     if device is not None:
         model.to(device)

@@ -83,18 +83,53 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+TOWER_SHARE = 0.01
+"""A container of blocks other than the largest one is streamed by default when it holds at
+least this share of the largest one's parameter bytes."""
+
+
+def _holders(container: nn.Module) -> list:
+    """The children of `container` that hold parameters."""
+    return [c for c in container.children() if _param_bytes(c) > 0]
+
+
+def _is_block(module: nn.Module) -> bool:
+    """A block holds its parameters in submodules (a transformer layer), unlike a bare layer
+    (a Linear, a norm, an embedding) that holds them itself."""
+    return any(_param_bytes(c) > 0 for c in module.children())
+
+
 def _default_unit_modules(model: nn.Module) -> list:
-    """Children of the container (ModuleList or Sequential) holding the most parameter bytes."""
-    best, best_bytes = None, 0
+    """The repeated blocks of every large container (ModuleList or Sequential) of `model`, in
+    model order: both towers of CLIP, the encoder and decoder of T5, the vision tower and the
+    language model of a vision-language model.
+
+    A container is a candidate if two or more of its children hold parameters. The largest
+    candidate (by parameter bytes) is always chosen. Another one is chosen too when it is
+    not nested in (and does not contain) a chosen container, holds at least `TOWER_SHARE` of
+    the largest one's bytes, and its children are blocks, not bare layers: a list of norms or
+    of linear heads is never chosen beside the blocks."""
+    candidates = []
     for _, m in model.named_modules():
-        if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            b = _param_bytes(m)
-            kids = [c for c in m.children() if _param_bytes(c) > 0]
-            if len(kids) >= 2 and b > best_bytes:
-                best, best_bytes = m, b
-    if best is None:
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(_holders(m)) >= 2:
+            candidates.append((_param_bytes(m), m))
+    if not candidates:
         return []
-    return [c for c in best.children() if _param_bytes(c) > 0]
+    # Largest first; a stable sort keeps an outer container ahead of an inner one of equal bytes.
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    largest = candidates[0][0]
+    chosen: list = []
+    inside: set = set()  # every module within a chosen container
+    for b, m in candidates:
+        if id(m) in inside or any(id(x) in inside for x in m.modules()):
+            continue
+        if chosen and (b < TOWER_SHARE * largest or not all(_is_block(c) for c in _holders(m))):
+            continue
+        chosen.append(m)
+        inside.update(id(x) for x in m.modules())
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    chosen.sort(key=lambda m: order[id(m)])  # model order: the order units are numbered in
+    return [c for m in chosen for c in _holders(m)]
 
 
 def _select_by_names(model: nn.Module, names: Iterable[str]) -> list:
@@ -187,7 +222,12 @@ def extra_unit_candidates(model: nn.Module, units: list) -> list:
     """Modules outside the units that can be streamed when the budget cannot hold them
     (embeddings, the head, norms), largest first. Modules that share a parameter (tied
     embeddings) form one candidate, accessed by each of them. Stores always hold these too,
-    so that the same store serves every budget."""
+    so that the same store serves every budget.
+
+    Only bare layers are candidates: the parameters a module holds itself beside children
+    that hold parameters (CLIP's ``logit_scale`` on the model, a class embedding) stay
+    resident. Streaming such a module would stream its whole subtree, units included, as
+    one unit held for as long as its forward runs."""
     if not units:
         return []
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
@@ -197,7 +237,7 @@ def extra_unit_candidates(model: nn.Module, units: list) -> list:
     groups: list = []
     for mod in model.modules():
         mine = {id(p) for p in mod._parameters.values() if p is not None and id(p) not in streamed}
-        if id(mod) in in_units or not mine:
+        if id(mod) in in_units or not mine or _is_block(mod):
             continue
         for g in groups:
             if mine & g["params"]:
