@@ -19,7 +19,7 @@ U8, BF16, I32, F32, I64 = 1, 8, 9, 11, 12
 
 def tensor(dtype: int, dims: list[int], seed: int, big: int | None = None) -> bytes:
     """One tensor of `build`: dtype, number of dimensions, each dimension minus one,
-    the u16 that sizes a tensor over two checksum chunks (flags 2 and 16, first tensor), a
+    the u16 that sizes a tensor over two checksum chunks (flags 2, 16, 32, 64; first tensor), a
     seed."""
     out = bytes([dtype, len(dims)]) + bytes(d - 1 for d in dims)
     if big is not None:
@@ -49,7 +49,7 @@ PLAIN = [
 def seeds() -> dict[str, bytes]:
     plain = store(0, PLAIN)
     coded = store(1 | 4, PLAIN)
-    big = store(2 | 16, [[tensor(U8, [1], 6, big=777), tensor(U8, [16, 16], 7)], PLAIN[1]])
+    big = store(2 | 16 | 32 | 64, [[tensor(U8, [1], 6, big=777), tensor(U8, [16, 16], 7)], PLAIN[1]])
     return {
         "plain": plain,
         "swap_names_and_digests": plain + tensor_edit(0, 1, 0, 1),

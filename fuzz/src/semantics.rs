@@ -280,9 +280,10 @@ fn build(path: &Path, inp: &mut Input<'_>) -> bool {
             let mut shape: Vec<u64> = (0..inp.below(3))
                 .map(|_| 1 + inp.below(24) as u64)
                 .collect();
-            // Now and then (flags 2 and 16: it costs) a tensor over two checksum chunks,
-            // read by several jobs.
-            if flags & 0x12 == 0x12 && ui == 0 && ti == 0 {
+            // Now and then (flags 2, 16, 32 and 64, one input in 16: writing, coding and
+            // reading 4 MiB costs a hundred small inputs) a tensor over two checksum
+            // chunks, read by several jobs.
+            if flags & 0x72 == 0x72 && ui == 0 && ti == 0 {
                 shape = vec![(4 << 20) / dtype.size() + inp.u16() as u64];
             }
             let nbytes = dtype.nbytes(&shape).unwrap_or(0) as usize;
