@@ -314,3 +314,12 @@ def test_a_directory_without_weights_says_what_it_lacks(tmp_path):
     BUILDERS["llama"](0).config.save_pretrained(tmp_path / "empty")
     with pytest.raises(InvalidArgumentError, match="pytorch_model.bin"):
         ts.from_pretrained(str(tmp_path / "empty"), ts.Config(tmp_path / "cache"))
+
+
+def test_convert_does_not_overwrite_a_file_that_is_not_a_store(tmp_path):
+    ck = _checkpoint(tmp_path, "llama")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(InvalidArgumentError, match="not a store"):
+        ts.convert(ck, notes, progress=False)
+    assert notes.read_text() == "precious"

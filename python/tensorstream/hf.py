@@ -230,8 +230,8 @@ def from_pretrained(
     candidates = with_candidates(model, units)[len(units) :]
     store_path = store or _find_store(config, model, ckpt, units)
     if not store_path and not _streams_in_place(units, ckpt):
-        store_path = convert(
-            path, _cache_path(config, model, ckpt, units), config=config, auto_class=auto_class, dtype=dtype
+        store_path = _convert(
+            path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
         )
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
@@ -347,15 +347,25 @@ def convert(
     ``<ModelClass>.tstore`` inside it). Returns the store's path. With
     ``config.compression_enabled`` the units are compressed losslessly at
     ``config.compression_level``."""
-    path = resolve_checkpoint(checkpoint)
+    return _convert(
+        resolve_checkpoint(checkpoint), Path(store), config, auto_class, dtype, progress, exact=False
+    )
+
+
+def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, exact: bool) -> str:
+    """convert() into `out`: exactly that file when `exact`, else a file or a directory."""
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
     ckpt = _Checkpoint(path)
     _map_units_to_checkpoint(model, units, recipes(model, ckpt.tensors))
-    out = Path(store)
-    if out.is_dir() or not out.suffix:
+    if not exact and (out.is_dir() or not out.suffix):
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"{type(model).__name__}.tstore"
+    elif not exact and out.exists() and out.suffix != ".tstore":
+        raise InvalidArgumentError(
+            f"{out} exists and is not a store (*.tstore): convert does not overwrite it. "
+            "Name a new file, a .tstore file or a directory."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     total = sum(ckpt.tensors[n].nbytes for u in units for p in u.params for n in p.source_names)
     bar = None
