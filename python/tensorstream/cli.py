@@ -1,7 +1,7 @@
 """The ``tensorstream`` command line.
 
     tensorstream demo                      offload a locally built model and check its tokens
-    tensorstream convert CHECKPOINT STORE  write a store from a safetensors checkpoint
+    tensorstream convert CHECKPOINT STORE  write a store from a checkpoint (safetensors or .bin)
     tensorstream inspect STORE             a store's units, sizes, dtypes and checksums
     tensorstream inspect DIRECTORY         one line per store in a directory
 
@@ -298,7 +298,7 @@ def convert(args) -> int:
     checkpoint, store = Path(args.checkpoint), Path(args.store)
     if checkpoint.is_file():
         raise CommandError(
-            f"{checkpoint} is a file; CHECKPOINT is a directory holding config.json and *.safetensors"
+            f"{checkpoint} is a file; CHECKPOINT is a directory holding config.json and its weights (*.safetensors or pytorch_model*.bin)"
         )
     if checkpoint.is_dir() and not (checkpoint / "config.json").is_file():
         raise CommandError(f"{checkpoint} has no config.json: it is not a Hugging Face checkpoint directory")
@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_options(d)
     c = command(
         "convert",
-        "write an aligned, checksummed store from a safetensors checkpoint",
-        "Write a store from a Hugging Face safetensors checkpoint, tensor by tensor (constant "
+        "write an aligned, checksummed store from a checkpoint (safetensors or .bin)",
+        "Write a store from a Hugging Face checkpoint (safetensors or pytorch_model.bin), tensor by tensor (constant "
         "memory), atomically; prints the store's path. from_pretrained(..., store=PATH) uses it.",
     )
     c.add_argument(
