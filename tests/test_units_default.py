@@ -367,3 +367,28 @@ def test_from_pretrained_accepts_the_budgets_offload_accepts(tmp_path, kind):
     assert all(torch.equal(a, b) for a, b in zip(outputs(streamed), expected))
     s = ts.get_model_statistics(streamed)
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+# ------------------------------------------------------------ what ADAPTIVE learns
+
+
+@pytest.mark.parametrize("kind", ["t5", "llava"])
+def test_adaptive_learns_the_decoding_pass_when_generate_runs_a_tower_outside_the_forward(tmp_path, kind):
+    # generate() runs T5's encoder, and Llava's vision tower on the prompt, outside the
+    # model's forward and before its first pass: learned as the order every pass repeats,
+    # they were kept resident while the decoding passes streamed everything else.
+    build, outputs, _, containers = MODELS[kind]
+    expected = outputs(build())
+    model = build()
+    budget = ts.estimate_model_memory(model) * 85 // 100
+    model = ts.offload(model, ts.Config(tmp_path, vram_budget_gb=_budget_gb(budget)))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model), expected))
+    rt = model._tensorstream
+    first_tower = {u.index for u in rt.units if u.name.startswith(containers[0] + ".")}
+    decoding = {u.index for u in rt.units if u.name.startswith(containers[1] + ".")}
+    learned = rt.planner.learned_order()
+    assert learned is not None and decoding <= set(learned), (learned, decoding)
+    assert not first_tower & set(learned), learned
+    assert not first_tower & set(rt.planner.kept())
+    if kind == "t5":  # the budget keeps a decoder block beside the window
+        assert rt.planner.kept() and set(rt.planner.kept()) <= decoding

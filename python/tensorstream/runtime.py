@@ -52,6 +52,9 @@ class Runtime:
     budget_plan: Optional[budget.BudgetPlan] = None
     _forked_paths = False  # a forked child reopens its files through /proc/self/fd
     _forked_cuda = False
+    _in_pass = False  # the model's forward is running (units accessed now are part of a pass)
+    _ran_outside = False  # a unit ran outside the model's forward since the last pass began
+    _relearned = False  # the planner was started afresh once so that it learns a real pass
 
     def __init__(self, model: nn.Module, units: list, source, config, device: torch.device):
         self.model = model
@@ -108,9 +111,8 @@ class Runtime:
         if choice.fallback:
             self.fallback(choice.fallback)
         self._fallback_if_run = choice.fallback_if_run
-        self.planner = _core.Planner(
-            self.sizes, self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
-        )
+        self.planner = self._new_planner()
+        self._relearned = False
         self.engine = self._engine(choice.engine_backend)
         ctx = Context(
             units=self.units,
@@ -127,6 +129,12 @@ class Runtime:
         )
         self.transfer = PATHS[choice.kind](ctx)
         log.debug("configured %s: %s", choice.kind, self.budget_plan)
+
+    def _new_planner(self):
+        cfg = self.config
+        return _core.Planner(
+            self.sizes, self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
+        )
 
     def _engine(self, backend: str):
         """One engine per backend for the runtime's life: it holds the files validated when
@@ -165,8 +173,10 @@ class Runtime:
         """Run the model's forward `fn` as one pass, holding the model's lock."""
         with self._lock:
             self._depth += 1
+            outermost = self._depth == 1  # a model called from inside its own forward is one pass
             try:
-                if self._depth == 1:  # a model called from inside its own forward is one pass
+                if outermost:
+                    self._in_pass = True
                     self._begin_pass()
                 return fn(*args, **kwargs)
             except BaseException:
@@ -174,6 +184,8 @@ class Runtime:
                 raise
             finally:
                 self._depth -= 1
+                if outermost:
+                    self._in_pass = False
 
     def run_unit(self, i: int, fn, args, kwargs):
         """Run unit `i`'s forward `fn` with its weights resident."""
@@ -213,8 +225,23 @@ class Runtime:
         if torch.is_grad_enabled():
             for u in self.units:
                 self._check_frozen(u.index)
+        if self._ran_outside and not self._relearned and self.planner.learned_order() is None:
+            self._relearn()
+        self._ran_outside = False
         self.planner.begin_pass()
         self.counters.passes += 1
+
+    def _relearn(self) -> None:
+        """Units ran outside the model's forward before the first pass: the encoder that
+        ``generate()`` runs by itself (T5, BART, Whisper), the vision tower it runs on the
+        prompt (Llava). ADAPTIVE would learn them as the order every pass repeats and keep them
+        resident while the passes run the decoder. Once, before it has learned anything, the
+        planner starts afresh (every unit dropped), so it learns a pass of the model's forward."""
+        self._relearned = True
+        if self.config.prefetch_strategy.value != "adaptive":
+            return  # only ADAPTIVE learns an order
+        self._drop_all()
+        self.planner = self._new_planner()
 
     def _check_frozen(self, i: int) -> None:
         for p in self.units[i].params:
@@ -229,6 +256,8 @@ class Runtime:
 
     def _enter_unit(self, i: int) -> None:
         self.ensure_configured()
+        if not self._in_pass:
+            self._ran_outside = True
         self.placement.check_same_objects(i)
         if torch.is_grad_enabled():
             self._check_frozen(i)
@@ -274,6 +303,10 @@ class Runtime:
         the planner, so the accounting is back to zero and the next pass starts clean."""
         if self._depth == 1:
             self.counters.errors += 1
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        """Cancel every read, drop every unit and reset the planner (its learned order kept)."""
         if self.transfer is not None:
             self.transfer.reset()
             for i in range(len(self.units)):
@@ -362,6 +395,7 @@ class Runtime:
         reads alive forever (dropping them would wait for those workers) and start afresh."""
         self._lock = threading.RLock()
         self._depth = 0
+        self._in_pass = False
         if self.transfer is not None:
             _FORK_LEFTOVERS.extend(self.transfer.abandon())
             _FORK_LEFTOVERS.append(self.transfer)
