@@ -333,9 +333,9 @@ pub(crate) fn parse_header(path: &Path, file: usize, file_len: u64, json: &[u8])
                 .as_object()
                 .ok_or_else(|| bad("__metadata__ is not a JSON object".into()))?;
             for (k, v) in m {
-                let v = v.as_str().ok_or_else(|| {
-                    bad(format!("__metadata__ entry '{k}' is {v}, not a string"))
-                })?;
+                let v = v
+                    .as_str()
+                    .ok_or_else(|| bad(format!("__metadata__ entry '{k}' is {v}, not a string")))?;
                 meta.insert(k.clone(), v.to_string());
             }
             continue;
