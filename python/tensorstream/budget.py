@@ -130,21 +130,25 @@ def plan(
     return BudgetPlan(budget=budget, resident=resident, units=unit_budget)
 
 
+def fits(model: nn.Module, units: list, sizes: dict, config: Config) -> bool:
+    """Whether streaming `units` (`sizes`: buffer bytes by unit name) fits the config's
+    explicit budget beside the modules left resident, as :func:`plan` decides; True without
+    an explicit budget."""
+    budget: Optional[int] = config.budget_bytes
+    if budget is None:
+        return True
+    us_sizes = [sizes[u.name] for u in units]
+    return room_for_units(model, units, us_sizes, budget) >= window_bytes(us_sizes, config)
+
+
 def streamed_subset(model: nn.Module, units: list, candidates: list, sizes: dict, config: Config) -> list:
     """The units to stream: `units`, plus as few `candidates` (largest first) as it takes for
     the modules left resident to fit the budget beside the streaming window, decided as
     :func:`plan` decides. `sizes` maps a unit's name to its buffer size. Returns fresh
     UnitSpecs indexed from 0."""
-    budget: Optional[int] = config.budget_bytes
-
-    def fits(us: list) -> bool:
-        us_sizes = [sizes[u.name] for u in us]
-        return room_for_units(model, us, us_sizes, budget) >= window_bytes(us_sizes, config)
-
     chosen = list(units)
-    if budget is not None:
-        for spec in candidates:
-            if fits(chosen):
-                break
-            chosen.append(spec)
+    for spec in candidates:
+        if fits(model, chosen, sizes, config):
+            break
+        chosen.append(spec)
     return [UnitSpec(index=i, name=u.name, modules=u.modules, params=u.params) for i, u in enumerate(chosen)]

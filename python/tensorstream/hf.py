@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _core
-from .budget import streamed_subset
+from .budget import fits, streamed_subset
 from .config import Config
 from .conversion import recipes
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
@@ -229,7 +230,7 @@ def from_pretrained(
     _map_units_to_checkpoint(model, units, found)
     candidates = with_candidates(model, units)[len(units) :]
     store_path = store or _find_store(config, model, ckpt, units)
-    if not store_path and not _streams_in_place(units, ckpt):
+    if not store_path and not _in_place_fits(model, units, candidates, found, ckpt, config):
         store_path = _convert(
             path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
         )
@@ -289,15 +290,31 @@ def _checkpoint_id(ckpt: _Checkpoint) -> str:
     return h.hexdigest()[:32]
 
 
-def _streams_in_place(units: list, ckpt: _Checkpoint) -> bool:
-    """Whether every streamed parameter is one safetensors tensor as stored, in its dtype."""
-    return ckpt.source is not None and all(
+def _in_place_fits(
+    model, units: list, candidates: list, found: dict, ckpt: _Checkpoint, config: Config
+) -> bool:
+    """Whether the layers can stream from the checkpoint where they lie: every streamed
+    parameter is one safetensors tensor as stored, in its dtype, and the budget holds the
+    units read in place (whole 4 KiB pages of the file, with what lies between a unit's
+    tensors) or would not hold them in a store either."""
+    if ckpt.source is None or not all(
         p.recipe.converter is None
         and len(p.recipe.sources) == 1
         and ckpt.tensors[p.recipe.sources[0]].dtype == TORCH_TO_ST[p.dtype]
         for u in units
         for p in u.params
-    )
+    ):
+        return False
+    mappable = _mappable(model, candidates, found)
+    in_place = unit_sizes(units + mappable, ckpt.source)
+    if fits(model, streamed_subset(model, units, mappable, in_place, config), in_place, config):
+        return True
+    stored = {u.name: _core.store_unit_buffer_len([_nbytes(p) for p in u.params]) for u in units + candidates}
+    return not fits(model, streamed_subset(model, units, candidates, stored, config), stored, config)
+
+
+def _nbytes(p) -> int:
+    return math.prod(p.shape) * p.dtype.itemsize
 
 
 def _cache_path(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Path:

@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use tensorstream_core::io::{AlignedBuf, ReadBackend};
 use tensorstream_core::store::{
-    align_up, chunked_checksum, DType, Store, StoreWriter, BLOCK, TENSOR_ALIGN,
+    align_up, chunked_checksum, unit_buffer_len, DType, Store, StoreWriter, BLOCK, TENSOR_ALIGN,
 };
 use tensorstream_core::{Engine, Error};
 
@@ -139,6 +139,10 @@ fn store_round_trip_through_both_backends() {
                 let engine = engine(backend, 2);
                 for (i, want) in units.iter().enumerate() {
                     let layout = store.layout(i).unwrap();
+                    // A unit's size is known before writing it (from_pretrained's budgets).
+                    let sizes: Vec<u64> =
+                        want.tensors.iter().map(|t| t.data.len() as u64).collect();
+                    prop_assert_eq!(layout.buffer_len, unit_buffer_len(&sizes));
                     let buf = read_unit(&engine, &layout).unwrap();
                     let rec = &store.manifest().units[i];
                     let on_disk =

@@ -394,6 +394,13 @@ impl PySafetensorsView {
     }
 }
 
+/// The buffer bytes a raw unit of tensors of these sizes (in order) takes in a store, known
+/// before the store is written.
+#[pyfunction]
+pub fn store_unit_buffer_len(tensor_nbytes: Vec<u64>) -> u64 {
+    store::unit_buffer_len(&tensor_nbytes)
+}
+
 /// xxh3-based checksum of raw memory, as a store records it (for fingerprints).
 ///
 /// The caller guarantees `ptr` is valid for `nbytes` reads during the call.

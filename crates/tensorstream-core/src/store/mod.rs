@@ -21,7 +21,7 @@ pub use format::{
 pub use layout::{CodedChunk, ExpectedChecksum, Extent, TensorSlot, UnitLayout};
 pub use reader::Store;
 pub use safetensors::{SafetensorsView, TensorLocation};
-pub use writer::StoreWriter;
+pub use writer::{unit_buffer_len, StoreWriter};
 
 /// Alignment of units inside a store file and of O_DIRECT reads.
 pub const BLOCK: u64 = 4096;

@@ -71,6 +71,16 @@ struct Compression {
 /// then see the same alignment as in a fresh allocation, so they pick the same code paths.
 pub const WRITE_TENSOR_ALIGN: u64 = 256;
 
+/// The buffer a raw unit needs when read from a store, for tensors of these sizes in this
+/// order, as `add_tensor` lays them out (each at a `WRITE_TENSOR_ALIGN` offset) and the
+/// reader pads them (to 4 KiB): a unit's size in a store, known before writing it.
+pub fn unit_buffer_len(tensor_nbytes: &[u64]) -> u64 {
+    let raw = tensor_nbytes
+        .iter()
+        .fold(0, |pos, &n| align_up(pos, WRITE_TENSOR_ALIGN) + n);
+    align_up(raw, BLOCK)
+}
+
 const ZEROS: [u8; BLOCK as usize] = [0u8; BLOCK as usize];
 
 impl StoreWriter {
