@@ -234,24 +234,25 @@ def test_resident_tensor_of_the_wrong_shape_is_refused_naming_it(tmp_path):
         ts.from_pretrained(str(tmp_path / "ck"), ts.Config(tmp_path / "st", vram_budget_gb=0.004))
 
 
-def test_a_budget_of_the_converted_models_size_is_kept_or_refused(tmp_path):
-    # bf16 from an fp32 checkpoint: each buffer holds the fp32 read and the bf16 copy, so a
-    # budget just above the bf16 model's bytes cannot hold every unit; it is never exceeded.
+def test_dtype_on_load_needs_only_the_converted_bytes(tmp_path):
+    """bf16 from an fp32 checkpoint is accepted at the smallest budget offload() accepts for
+    the bf16 model: a slot holds the bf16 bytes only, not the fp32 read beside them."""
+    import re
+
     ck = _checkpoint(tmp_path, "llama")
-    bf16 = tiny_llama(tied=False, seed=0, layers=3, dtype=torch.bfloat16)
-    budget = 1.3 * ts.estimate_model_memory(bf16) / (1 << 30)
-    try:
-        model = ts.from_pretrained(
-            ck, ts.Config(tmp_path / "st", vram_budget_gb=budget), dtype=torch.bfloat16
-        )
-    except ts.BudgetError:
-        return
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(ck, dtype=torch.bfloat16).eval()
+    with pytest.raises(ts.BudgetError) as info:
+        ts.offload(bf16, ts.Config(tmp_path / "o", vram_budget_gb=1e-6))
+    least = int(re.search(r"at least \S+ \((\d+) bytes\)", str(info.value)).group(1))
+    model = ts.from_pretrained(
+        ck, ts.Config(tmp_path / "st", vram_budget_gb=least / 2**30), dtype=torch.bfloat16
+    )
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
-    ref_logits, _ = _reference(ck, ids, dtype=torch.bfloat16)
-    logits, _ = _run(model, ids)
-    assert torch.equal(logits, ref_logits)
+    ref_logits, ref_tokens = _reference(ck, ids, dtype=torch.bfloat16)
+    logits, tokens = _run(model, ids)
+    assert torch.equal(logits, ref_logits) and torch.equal(tokens, ref_tokens)
     s = ts.get_model_statistics(model)
-    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+    assert s["peak_usage_bytes"] <= s["budget_bytes"] == least
 
 
 def test_a_checkpoint_that_needs_conversion_is_converted_once_and_stores_of_two_checkpoints_coexist(tmp_path):
