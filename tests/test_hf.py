@@ -324,3 +324,11 @@ def test_convert_does_not_overwrite_a_file_that_is_not_a_store(tmp_path):
     with pytest.raises(InvalidArgumentError, match="not a store"):
         ts.convert(ck, notes, progress=False)
     assert notes.read_text() == "precious"
+
+
+def test_a_bin_checkpoint_that_cannot_be_read_weights_only_says_what_to_do(tmp_path):
+    ck = tmp_path / "bin-ckpt"
+    BUILDERS["llama"](0).config.save_pretrained(ck)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "note": object()}, ck / "pytorch_model.bin")
+    with pytest.raises(InvalidArgumentError, match="save_pretrained"):
+        ts.from_pretrained(str(ck), ts.Config(tmp_path / "cache"))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -104,7 +105,14 @@ def _bin_files(path: str) -> Optional[list]:
 
 def _load_bin(file: str) -> dict:
     # Mapped: the file's pages are read when a tensor is used, so a shard is never all in RAM.
-    return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+    try:
+        return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        raise InvalidArgumentError(
+            f"{file} cannot be read mapped and weights-only ({str(e).splitlines()[0]}): TensorStream reads "
+            "PyTorch checkpoints saved by torch.save since torch 1.6, holding only tensors. Load it with "
+            "transformers and save it again with save_pretrained (safetensors)."
+        ) from None
 
 
 def _skeleton(
