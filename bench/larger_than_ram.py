@@ -152,6 +152,7 @@ def main() -> int:
         f"checkpoint: {size / 1e9:.1f} GB ({time.perf_counter() - t0:.0f}s); RAM {total_ram() / 1e9:.1f} GB",
         flush=True,
     )
+    os.sync()  # the bandwidth of the disk, not of the disk still writing the checkpoint back
     bw = odirect_bandwidth(args.ckpt)
     print(f"O_DIRECT read bandwidth: {bw / 1e9:.2f} GB/s", flush=True)
     ts_res = run("tensorstream", args)
