@@ -270,7 +270,15 @@ def test_a_checkpoint_that_needs_conversion_is_converted_once_and_stores_of_two_
     other = ts.from_pretrained(other_ck, cfg)
     assert ts.get_model_statistics(other)["store_path"] != path
     assert len(list((tmp_path / "cache").glob("*.tstore"))) == 2
-    for model, path in ((again, ck), (other, other_ck)):
+    # The same checkpoint with other units: a store of its own, not the first one refused.
+    blocks = ts.from_pretrained(
+        ck, ts.Config(tmp_path / "cache", vram_budget_gb=0.004, units=["MixtralSparseMoeBlock"])
+    )
+    assert ts.get_model_statistics(blocks)["store_path"] not in (
+        path,
+        ts.get_model_statistics(other)["store_path"],
+    )
+    for model, path in ((again, ck), (other, other_ck), (blocks, ck)):
         want, _ = _reference(path, ids)
         with torch.no_grad():
             assert torch.equal(model(ids).logits, want)

@@ -327,18 +327,20 @@ def _nbytes(p) -> int:
 
 def _cache_path(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Path:
     """Where from_pretrained converts a checkpoint it cannot stream in place: named by the
-    checkpoint's identity and the dtypes, so that one storage_path holds the stores of
-    several checkpoints and dtypes side by side."""
+    checkpoint's identity, the units and the dtypes, so that one storage_path holds the
+    stores of several checkpoints, unit choices and dtypes side by side."""
     if config.store_name:
         return Path(config.storage_path) / config.store_name
     dtypes = "-".join(sorted({TORCH_TO_ST[p.dtype] for u in units for p in u.params}))
-    return Path(config.storage_path) / f"{type(model).__name__}.{_checkpoint_id(ckpt)[:16]}.{dtypes}.tstore"
+    # The units too: the same checkpoint streamed with other Config.units has a store of its own.
+    key = hashlib.sha256("|".join([_checkpoint_id(ckpt), *(u.name for u in units)]).encode()).hexdigest()
+    return Path(config.storage_path) / f"{type(model).__name__}.{key[:16]}.{dtypes}.tstore"
 
 
 def _find_store(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Optional[str]:
     """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
-    by an earlier from_pretrained), in the dtypes the model asks for (a store converted to
-    another dtype holds rounded values: not a match)."""
+    by an earlier from_pretrained), holding these units, in the dtypes the model asks for (a
+    store converted to another dtype holds rounded values: not a match)."""
     wanted = {TORCH_TO_ST[p.dtype] for u in units for p in u.params}
     ident = _checkpoint_id(ckpt)
     named = Path(config.storage_path) / (config.store_name or f"{type(model).__name__}.tstore")
@@ -349,7 +351,9 @@ def _find_store(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list
             st = _core.Store(str(cand))
         except StoreCorruptedError:
             continue
-        if st.metadata.get("source_checkpoint_id") != ident:
+        if st.metadata.get("source_checkpoint_id") != ident or any(
+            st.unit_index(u.name) is None for u in units
+        ):
             continue
         stored = {t.dtype for i in range(len(st.units())) for t in st.layout(i).tensors}
         if stored == wanted:
