@@ -1,10 +1,11 @@
 """Placement: where each streamed parameter lives inside its unit's buffer, and binding the
 parameters to a buffer or unbinding them.
 
-A unit's buffer holds its stored tensors as the source lays them out (the read layout). A
-parameter whose stored dtype differs from the model's, or that is assembled from several
-stored tensors (fused experts), is built in the tail of the same buffer, so it costs no
-memory outside the budget. :func:`slot_sizes` is the one formula for a unit's buffer size.
+A unit's buffer holds its stored tensors as the source lays them out (the read layout), one
+per streamed parameter (a checkpoint that needs tensors assembled into a parameter, such as
+experts stored one by one, is converted into a store first). A parameter whose stored dtype
+differs from the model's is built in the tail of the same buffer, so it costs no memory
+outside the budget. :func:`slot_sizes` is the one formula for a unit's buffer size.
 
 While a unit is not bound, its parameters are :class:`StreamedParameter` objects (the class
 of the model's own parameter objects is switched, so optimizers and adapters keep their
@@ -42,11 +43,11 @@ class Part:
 class ParamSlot:
     """Where one streamed parameter's bytes are in its unit's buffer."""
 
-    parts: tuple
+    part: Part
     shape: tuple
     dtype: torch.dtype
     converted_at: Optional[int]
-    """Offset of the parameter built in the buffer's tail, or None: a view of its one part."""
+    """Offset of the parameter converted in the buffer's tail, or None: a view of its part."""
 
 
 def _param_slots(unit, layout, path: str) -> tuple:
@@ -54,23 +55,20 @@ def _param_slots(unit, layout, path: str) -> tuple:
     by_name = {t.name: t for t in layout.tensors}
     slots, tail = [], layout.buffer_len
     for p in unit.params:
-        parts, numel, shape = [], 0, ()
-        for name in p.source_names:
-            t = by_name[name]
-            parts.append(Part(name, ST_TO_TORCH[t.dtype], t.offset, t.nbytes))
-            numel += _numel(t.shape)
-            shape = t.shape
-        if (len(parts) == 1 and tuple(shape) != tuple(p.shape)) or numel != _numel(p.shape):
+        (name,) = p.source_names  # one stored tensor per streamed parameter
+        t = by_name[name]
+        if tuple(t.shape) != tuple(p.shape):
             raise StoreMismatchError(
-                f"{path}: tensor {p.store_name!r} of unit {unit.name!r} has shape {tuple(shape)}, "
+                f"{path}: tensor {p.store_name!r} of unit {unit.name!r} has shape {tuple(t.shape)}, "
                 f"the model expects {tuple(p.shape)}"
             )
+        part = Part(name, ST_TO_TORCH[t.dtype], t.offset, t.nbytes)
         conv = None
-        if len(parts) > 1 or parts[0].dtype != p.dtype:
+        if part.dtype != p.dtype:
             tail = (tail + 255) // 256 * 256
             conv = tail
-            tail += numel * _itemsize(p.dtype)
-        slots.append(ParamSlot(tuple(parts), tuple(p.shape), p.dtype, conv))
+            tail += _numel(p.shape) * _itemsize(p.dtype)
+        slots.append(ParamSlot(part, tuple(p.shape), p.dtype, conv))
     return slots, (tail + PAGE - 1) // PAGE * PAGE
 
 
@@ -261,20 +259,16 @@ class Placement:
         """The unit's parameter tensors as views of `buf` (converted in place if `convert`)."""
         out = []
         for s in self.slots[i]:
+            start = base_offset + s.part.offset
+            stored = buf[start : start + s.part.nbytes].view(s.part.dtype).view(s.shape)
             if s.converted_at is None:
-                part = s.parts[0]
-                start = base_offset + part.offset
-                out.append(buf[start : start + part.nbytes].view(part.dtype).view(s.shape))
+                out.append(stored)
                 continue
-            flat = buf[s.converted_at : s.converted_at + _numel(s.shape) * _itemsize(s.dtype)].view(s.dtype)
+            value = buf[s.converted_at : s.converted_at + _numel(s.shape) * _itemsize(s.dtype)]
+            value = value.view(s.dtype).view(s.shape)
             if convert:
-                k = 0
-                for part in s.parts:
-                    start = base_offset + part.offset
-                    src = buf[start : start + part.nbytes].view(part.dtype)
-                    flat[k : k + src.numel()].copy_(src)
-                    k += src.numel()
-            out.append(flat.view(s.shape))
+                value.copy_(stored)
+            out.append(value)
         return out
 
     def bind(self, i: int, buf: torch.Tensor, base_offset: int = 0, convert: bool = False) -> None:

@@ -90,9 +90,9 @@ class Reads:
 
 
 def _map_tensor(source, unit: str, slot) -> Optional[torch.Tensor]:
-    """A tensor over a private copy-on-write mapping of the file bytes of `slot`'s one part,
-    or None where the source cannot give them as they are."""
-    part = slot.parts[0]
+    """A tensor over a private copy-on-write mapping of the file bytes of `slot`'s part, or
+    None where the source cannot give them as they are."""
+    part = slot.part
     span = source.span(unit, part)
     if span is None or part.nbytes == 0:
         return None

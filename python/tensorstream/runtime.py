@@ -105,7 +105,7 @@ class Runtime:
         gds = None
         if self.device.type == "cuda" and cfg.backend == BackendType.GPUDIRECT:
             gds = probe_gds(self.source.files[0])
-        # Parameters built in their buffer's tail (another dtype, fused) cannot be views of a mapping.
+        # Parameters converted in their buffer's tail (another dtype) cannot be views of a mapping.
         zero_copy = self.source.zero_copy and not any(self.placement.converts)
         choice = select_path(cfg, self.device, zero_copy, self.source.file_len, available_ram(), gds)
         if choice.fallback:
