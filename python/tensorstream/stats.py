@@ -82,7 +82,7 @@ def statistics(rt) -> dict:
     budget = plan.budget if plan else 0
     resident_bytes = plan.resident if plan else 0
     source = rt.source
-    return {
+    out = {
         "device": str(rt.device),
         "mode": tr.kind if tr else None,
         "backend": tr.describe() if tr else "unconfigured",
@@ -126,3 +126,6 @@ def statistics(rt) -> dict:
         "planner": ps,
         "engine": es,
     }
+    if tr is not None:
+        out.update(tr.extra_stats())
+    return out

@@ -12,7 +12,8 @@ decides what to load and evict and calls:
 - ``evict(i)``: drop unit `i`'s bytes;
 - ``reset()``: drop every unit and cancel every read, returning all accounting to zero
   (recovery after an exception, teardown);
-- ``held_bytes()``, ``describe()``, ``close()``, and ``abandon()`` after ``fork()``.
+- ``held_bytes()``, ``describe()``, ``close()``, and ``abandon()`` after ``fork()``;
+- ``extra_stats()``: the path's own entries of :func:`tensorstream.get_model_statistics`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class Transfer:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def extra_stats(self) -> dict:
+        """Entries this path adds to the model's statistics (none by default)."""
+        return {}
 
     def reset(self) -> None:
         for i in range(len(self.io)):
