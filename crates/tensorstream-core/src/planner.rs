@@ -396,6 +396,48 @@ impl ResidencyPlanner {
         Ok(())
     }
 
+    /// The bytes available to units now: the configured budget, or less while memory
+    /// pressure made it yield ([`ResidencyPlanner::set_budget`]).
+    pub fn budget(&self) -> u64 {
+        self.cfg.budget
+    }
+
+    /// Change the bytes available to units (memory pressure shrinks it, recovery grows it
+    /// back). The kept set is chosen again for the new budget, then units not in use are
+    /// evicted, needed furthest ahead first and kept units last, until what is resident fits.
+    /// The budget never goes below the largest unit (one unit must always fit) nor below
+    /// the units in use now (they are running). Returns the evicted units and the budget set.
+    pub fn set_budget(&mut self, budget: u64) -> (Vec<u32>, u64) {
+        let largest = self.sizes.iter().copied().max().unwrap_or(0);
+        self.cfg.budget = budget.max(largest);
+        self.choose_kept();
+        let mut evicted = Vec::new();
+        if self.used > self.cfg.budget {
+            let pos = self.position();
+            let mut victims: Vec<(u32, (bool, u64))> = (0..self.sizes.len() as u32)
+                .filter(|&v| {
+                    self.state[v as usize] != State::Absent && self.in_use[v as usize] == 0
+                })
+                .map(|v| {
+                    let later = match (&self.learned, pos) {
+                        (Some(l), Some(p)) => l.distance(p, v).map_or(u64::MAX, |d| d as u64),
+                        _ => u64::MAX - self.last_use[v as usize],
+                    };
+                    (v, (self.keep[v as usize], u64::MAX - later))
+                })
+                .collect();
+            victims.sort_by_key(|&(_, k)| k);
+            for (v, _) in victims {
+                if self.used <= self.cfg.budget {
+                    break;
+                }
+                self.evict(v, &mut evicted);
+            }
+        }
+        self.cfg.budget = self.cfg.budget.max(self.used);
+        (evicted, self.cfg.budget)
+    }
+
     /// Evict everything (the device changed, or the model is being torn down).
     pub fn reset(&mut self) -> Vec<u32> {
         let all = self.resident();

@@ -31,6 +31,9 @@ enum Op {
     Forget(prop::sample::Index),
     /// Evict everything.
     Reset,
+    /// Memory pressure: set the budget to this fraction (in 1/8ths, up to twice) of the
+    /// configured one.
+    SetBudget(u8),
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -41,6 +44,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::BeginPassHolding),
         1 => any::<prop::sample::Index>().prop_map(Op::Forget),
         1 => Just(Op::Reset),
+        1 => (0u8..=16).prop_map(Op::SetBudget),
     ]
 }
 
@@ -49,6 +53,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 struct Caller {
     sizes: Vec<u64>,
     budget: u64,
+    /// The largest budget the planner had (peak_used is bounded by it).
+    max_budget: u64,
     held: Vec<u32>,
     resident: BTreeSet<u32>,
 }
@@ -105,6 +111,44 @@ impl Caller {
         Ok(())
     }
 
+    /// Memory pressure: the planner evicts only units not held, and what stays fits the
+    /// budget it reports, which is the one asked for unless the largest unit or the units
+    /// held need more.
+    fn set_budget(&mut self, p: &mut ResidencyPlanner, asked: u64) -> Result<(), TestCaseError> {
+        let (evicted, set) = p.set_budget(asked);
+        for v in evicted {
+            prop_assert!(!self.held.contains(&v), "evicted unit {} while in use", v);
+            prop_assert!(
+                self.resident.remove(&v),
+                "evicted {} which was not resident",
+                v
+            );
+        }
+        let largest = self.sizes.iter().copied().max().unwrap_or(0);
+        let held: u64 = self
+            .held
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .iter()
+            .map(|&&u| self.sizes[u as usize])
+            .sum();
+        prop_assert!(
+            set >= asked.max(largest),
+            "budget {} below {} asked",
+            set,
+            asked
+        );
+        prop_assert!(
+            set == asked.max(largest) || set <= asked.max(largest).max(held),
+            "budget {} kept above what the held units need",
+            set
+        );
+        prop_assert_eq!(p.budget(), set);
+        self.budget = set;
+        self.max_budget = self.max_budget.max(set);
+        Ok(())
+    }
+
     fn check(&self, p: &ResidencyPlanner) -> Result<(), TestCaseError> {
         let s = p.stats();
         let resident = p.resident();
@@ -116,7 +160,7 @@ impl Caller {
             self.budget
         );
         prop_assert_eq!(s.used, sum, "used differs from the resident units' sizes");
-        prop_assert!(s.peak_used <= self.budget);
+        prop_assert!(s.peak_used <= self.max_budget);
         prop_assert!(s.peak_used >= s.used);
         let planner: BTreeSet<u32> = resident.into_iter().collect();
         prop_assert_eq!(&planner, &self.resident, "the caller's view diverged");
@@ -152,6 +196,7 @@ fn budget_is_never_exceeded_and_residency_is_trackable() {
         let mut c = Caller {
             sizes: sizes.clone(),
             budget,
+            max_budget: budget,
             held: Vec::new(),
             resident: BTreeSet::new(),
         };
@@ -187,6 +232,7 @@ fn budget_is_never_exceeded_and_residency_is_trackable() {
                     c.resident.clear();
                     c.held.clear();
                 }
+                Op::SetBudget(eighths) => c.set_budget(&mut p, budget * eighths as u64 / 8)?,
             }
             c.check(&p)?;
         }
@@ -227,6 +273,7 @@ fn nested_cyclic_passes_keep_the_invariants() {
         let mut c = Caller {
             sizes: sizes.clone(),
             budget,
+            max_budget: budget,
             held: Vec::new(),
             resident: BTreeSet::new(),
         };
@@ -408,4 +455,66 @@ fn min_budget_is_what_the_window_holds() {
         ResidencyPlanner::min_budget(&sizes, Plan::Adaptive, PressureMode::Aggressive),
         150
     );
+}
+
+/// Memory pressure on a cyclic order: a shrunken budget gives up kept units first (the kept
+/// set shrinks to what the new budget holds beside the window), the pass keeps working with
+/// the units' budget never exceeded, and growing it back restores the kept set and its hits.
+#[test]
+fn a_budget_shrinks_under_pressure_and_grows_back() {
+    const SIZE: u64 = 100;
+    let (n, k) = (10u32, 8u64);
+    let mut p = ResidencyPlanner::new(
+        vec![SIZE; n as usize],
+        PlannerConfig {
+            budget: k * SIZE,
+            strategy: Plan::Adaptive,
+            mode: PressureMode::Balanced,
+        },
+    )
+    .unwrap();
+    steady_state_hits(&mut p, n, 3);
+    assert_eq!(p.kept().len(), 6);
+
+    // Pressure in the middle of a pass, with unit 4 running.
+    p.begin_pass();
+    for u in 0..4 {
+        p.access(u).unwrap();
+        p.release(u).unwrap();
+    }
+    p.access(4).unwrap();
+    let (evicted, set) = p.set_budget(4 * SIZE);
+    assert_eq!(set, 4 * SIZE);
+    assert!(!evicted.contains(&4), "evicted the running unit");
+    assert!(p.stats().used <= set);
+    assert_eq!(
+        p.kept().len(),
+        2,
+        "kept units yield first: 4 units of room less the window of 2"
+    );
+    p.release(4).unwrap();
+    for u in 5..n {
+        p.access(u).unwrap();
+        p.release(u).unwrap();
+        assert!(p.stats().used <= set);
+    }
+    let (hits, accesses) = steady_state_hits(&mut p, n, 4);
+    assert!(hits * n as u64 >= 2 * accesses, "{hits}/{accesses}");
+    assert!(
+        hits * n as u64 <= 3 * accesses,
+        "{hits}/{accesses}: more hits than 4 units hold"
+    );
+
+    // Below the window's minimum, down to one unit: no prefetch, every access a miss.
+    let (_, set) = p.set_budget(1);
+    assert_eq!(set, SIZE, "the budget never goes below the largest unit");
+    assert!(p.kept().is_empty());
+    steady_state_hits(&mut p, n, 3);
+    assert!(p.stats().peak_used >= p.stats().used);
+
+    // Memory recovers.
+    p.set_budget(k * SIZE);
+    assert_eq!(p.kept().len(), 6);
+    let (hits, accesses) = steady_state_hits(&mut p, n, 4);
+    assert!(hits * n as u64 >= 6 * accesses, "{hits}/{accesses}");
 }

@@ -33,7 +33,6 @@ fn mode(s: &str) -> PyResult<PressureMode> {
 #[pyclass(name = "Planner", module = "tensorstream._core")]
 pub struct PyPlanner {
     inner: ResidencyPlanner,
-    budget: u64,
 }
 
 #[pymethods]
@@ -47,7 +46,6 @@ impl PyPlanner {
         };
         Ok(PyPlanner {
             inner: ResidencyPlanner::new(sizes, cfg).py()?,
-            budget,
         })
     }
 
@@ -61,9 +59,16 @@ impl PyPlanner {
         ))
     }
 
+    /// Bytes available to units now (the budget, or less while memory pressure shrinks it).
     #[getter]
     fn budget(&self) -> u64 {
-        self.budget
+        self.inner.budget()
+    }
+
+    /// (evicted units, budget set): make `budget` bytes the units' budget, evicting units not
+    /// in use until the resident ones fit. Never below the largest unit or the units in use.
+    fn set_budget(&mut self, budget: u64) -> (Vec<u32>, u64) {
+        self.inner.set_budget(budget)
     }
 
     fn begin_pass(&mut self) {
