@@ -191,9 +191,10 @@ def offload(model: nn.Module, path, **kwargs) -> nn.Module:
 
 @pytest.fixture(autouse=True)
 def _no_pressure_callback():
-    """Leave no memory pressure callback behind for the next test (it is global)."""
+    """Leave no memory pressure callback or probe behind for the next test (both are global)."""
     yield
     ts.set_memory_pressure_callback(None)
+    ts.set_memory_probe(None)
 
 
 @pytest.fixture

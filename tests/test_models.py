@@ -158,35 +158,6 @@ def test_conservative_adaptive_holds_kept_units_plus_at_most_one_prefetched_unit
         assert usage == rt.planner.stats()["used"]
 
 
-def test_memory_pressure_callback_receives_events_on_demand_evictions_and_can_be_removed(tmp_path):
-    events = []
-    ts.set_memory_pressure_callback(events.append)
-    model = tiny_llama(tied=False, seed=4)
-    # NONE strategy and room for one unit: every demand load must evict the previous unit.
-    model = offload(model, tmp_path, vram_budget_gb=budget_gb(model, 1), prefetch_strategy="none")
-    names = [u.name for u in model._tensorstream.units]
-    with torch.no_grad():
-        model(input_ids())
-    assert events, "no memory pressure event under a one-unit budget"
-    for ev in events:
-        assert isinstance(ev, ts.MemoryPressureEvent)
-        assert ev.unit in names
-        assert 0 < ev.level <= 1
-        assert ev.evicted and set(ev.evicted) <= set(names)
-        assert ev.unit not in ev.evicted
-        assert ev.bytes_in_use <= ev.budget_bytes
-        assert ev.mode == "balanced"
-        assert ev.unit in str(ev)
-    assert [ev.unit for ev in events] == names[1:]
-    assert ts.get_model_statistics(model)["planner"]["pressure_events"] >= len(events)
-
-    ts.set_memory_pressure_callback(None)
-    seen = len(events)
-    with torch.no_grad():
-        model(input_ids())
-    assert len(events) == seen
-
-
 def test_memory_pressure_callback_must_be_callable():
     with pytest.raises(ts.InvalidArgumentError):
         ts.set_memory_pressure_callback(42)

@@ -15,6 +15,7 @@ from .errors import (
     BudgetError,
     ConfigError,
     InvalidArgumentError,
+    OutOfMemoryError,
     StoreCorruptedError,
     StoreMismatchError,
     StreamIOError,
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .hf import convert, from_pretrained
 from .offload import offload, runtime_of
+from .pressure import MemoryReading, set_memory_probe
 from .stats import MemoryPressureEvent, set_memory_pressure_callback
 from .units import resident_bytes
 
@@ -53,10 +55,13 @@ __all__ = [
     "estimate_model_memory",
     "set_memory_pressure_callback",
     "MemoryPressureEvent",
+    "set_memory_probe",
+    "MemoryReading",
     "TensorStreamError",
     "ConfigError",
     "InvalidArgumentError",
     "BudgetError",
+    "OutOfMemoryError",
     "StoreCorruptedError",
     "StoreMismatchError",
     "StreamIOError",

@@ -111,6 +111,11 @@ class Config:
     """File name of the store under storage_path (default: the model's class name)."""
     chunk_mb: int = 8
     """I/O request size in MiB (a multiple of 4)."""
+    memory_headroom_gb: Optional[float] = None
+    """Free memory on the device below which the budget yields (memory pressure): the
+    planner gives up kept units, then prefetch, until one and a half headrooms are free, and
+    takes them back when more than two are. ``None``: a share of the device's capacity by
+    ``memory_pressure_mode``: 10% conservative, 5% balanced, 2% aggressive."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage_path, (str, os.PathLike)) or str(self.storage_path) == "":
@@ -143,15 +148,8 @@ class Config:
         _check_int(self, "chunk_mb", 4, 1024)
         if self.chunk_mb % 4:
             raise ConfigError(f"Config.chunk_mb={self.chunk_mb} must be a multiple of 4")
-        if self.host_cache_gb is not None:
-            if (
-                isinstance(self.host_cache_gb, bool)
-                or not isinstance(self.host_cache_gb, (int, float))
-                or not (0 <= self.host_cache_gb < float("inf"))
-            ):
-                raise ConfigError(
-                    f"Config.host_cache_gb={self.host_cache_gb!r} must be a number >= 0 or None"
-                )
+        for name in ("host_cache_gb", "memory_headroom_gb"):
+            _check_gb(self, name)
         if self.units is not None:
             if isinstance(self.units, str) or not all(isinstance(u, str) and u for u in self.units):
                 raise ConfigError(f"Config.units={self.units!r} must be a list of module or class names")
@@ -165,6 +163,12 @@ class Config:
     def budget_bytes(self) -> Optional[int]:
         """The budget in bytes, or None for the device's default."""
         return None if self.vram_budget_gb is None else int(self.vram_budget_gb * (1 << 30))
+
+
+def _check_gb(cfg: Config, name: str) -> None:
+    v = getattr(cfg, name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+        raise ConfigError(f"Config.{name}={v!r} must be a number of GB >= 0 or None")
 
 
 def _check_int(cfg: Config, name: str, lo: int, hi: int) -> None:

@@ -8,6 +8,8 @@ Errors raised by the Rust core carry their context as attributes: ``path``, ``un
 
 from __future__ import annotations
 
+import torch
+
 
 class TensorStreamError(Exception):
     """Base class of every TensorStream error."""
@@ -26,6 +28,12 @@ class InvalidArgumentError(TensorStreamError, ValueError):
 
 class BudgetError(TensorStreamError, ValueError):
     """A memory budget that cannot hold what it must (the largest unit plus the prefetch window)."""
+
+
+class OutOfMemoryError(BudgetError, torch.OutOfMemoryError):
+    """The device ran out of memory inside a streamed unit and TensorStream could not retry
+    it (or the retry failed too). Also a ``torch.OutOfMemoryError``, so handlers of that
+    keep working. The model stays usable."""
 
 
 class StoreCorruptedError(TensorStreamError):
@@ -51,6 +59,7 @@ __all__ = [
     "ConfigError",
     "InvalidArgumentError",
     "BudgetError",
+    "OutOfMemoryError",
     "StoreCorruptedError",
     "StoreMismatchError",
     "StreamIOError",

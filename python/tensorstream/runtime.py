@@ -23,9 +23,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _core, budget
+from . import _core, budget, pressure
 from .config import BackendType
-from .errors import TensorStreamError
+from .errors import OutOfMemoryError, TensorStreamError
 from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
@@ -37,6 +37,10 @@ log = logging.getLogger("tensorstream")
 
 make_engine = _core.Engine
 """Makes the runtime's engines; tests swap in ``_core.Engine.with_faults`` to inject faults."""
+
+OOM_RETRY_DEVICES = {"cuda"}
+"""Devices whose out-of-memory errors in a unit are retried (tests add "cpu" to simulate them).
+Each unit call there first records the state of its inputs (:func:`_state`)."""
 
 _RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 _FORK_LEFTOVERS: list = []  # engines and tickets of the parent: never dropped in a child
@@ -70,6 +74,8 @@ class Runtime:
         self._fallback_if_run: Optional[str] = None
         self._lock = threading.RLock()
         self._depth = 0
+        self._units_running = 0
+        self.pressure = pressure.Yielding()
         self.reads = Reads(self)
         self._pending = None  # a deep copy not yet resolved
         _RUNTIMES.add(self)
@@ -121,7 +127,7 @@ class Runtime:
             source=self.source,
             config=cfg,
             device=self.device,
-            unit_budget=self.budget_plan.units,
+            unit_budget=self.planner.budget,
             engine=self.engine,
             counters=self.counters,
             planner_used=lambda: self.planner.stats()["used"] if self.planner else 0,
@@ -132,9 +138,12 @@ class Runtime:
 
     def _new_planner(self):
         cfg = self.config
-        return _core.Planner(
+        planner = _core.Planner(
             self.sizes, self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
         )
+        if self.pressure.ceiling is not None:
+            planner.set_budget(self.pressure.ceiling)
+        return planner
 
     def _engine(self, backend: str):
         """One engine per backend for the runtime's life: it holds the files validated when
@@ -188,20 +197,73 @@ class Runtime:
                     self._in_pass = False
 
     def run_unit(self, i: int, fn, args, kwargs):
-        """Run unit `i`'s forward `fn` with its weights resident."""
+        """Run unit `i`'s forward `fn` with its weights resident. An out-of-memory error in
+        it is retried once after every streamed unit was released (see :meth:`_retry_oom`)."""
         with self._lock:
             self._depth += 1
             try:
-                self._enter_unit(i)
-                with self.reads.saved_tensor_guard():
-                    out = fn(*args, **kwargs)
-                self._exit_unit(i)
-                return out
+                inputs = _state(args, kwargs) if self.device.type in OOM_RETRY_DEVICES else None
+                try:
+                    return self._attempt(i, fn, args, kwargs)
+                except torch.OutOfMemoryError as e:
+                    self._retry_oom(i, e, inputs, args, kwargs)
+                    try:
+                        return self._attempt(i, fn, args, kwargs)
+                    except torch.OutOfMemoryError as again:
+                        raise OutOfMemoryError(
+                            f"{self.units[i].name}: out of memory on {self.device} again after TensorStream released "
+                            "every streamed unit it held; the rest of the model (activations, the KV cache) needs "
+                            "more than the device has. Lower vram_budget_gb, the batch size or the context length."
+                        ) from again
             except BaseException:
                 self.recover()
                 raise
             finally:
                 self._depth -= 1
+
+    def _attempt(self, i: int, fn, args, kwargs):
+        self._units_running += 1
+        try:
+            self._enter_unit(i)
+            with self.reads.saved_tensor_guard():
+                out = fn(*args, **kwargs)
+            self._exit_unit(i)
+            return out
+        finally:
+            self._units_running -= 1
+
+    def _retry_oom(self, i: int, error: BaseException, inputs: list, args, kwargs) -> None:
+        """After an out-of-memory error in unit `i`: release every streamed unit and lower the
+        ceiling, so that the retry has the memory they held, or raise OutOfMemoryError when a
+        retry could not give the un-offloaded model's answer: the unit runs inside another
+        one (whose weights must stay), it changed its inputs before failing (a KV cache it
+        had appended to), or TensorStream held nothing to release."""
+        name = self.units[i].name
+        held = self.held_bytes()
+        why = None
+        if inputs is None:
+            raise error
+        if self._units_running:
+            why = "it runs inside another streamed unit, whose weights must stay"
+        elif _state(args, kwargs) != inputs:
+            why = "it had already changed its inputs (the KV cache, for example) before it failed"
+        elif held <= self.sizes[i]:
+            why = "TensorStream held no other streamed unit to release"
+        if why is not None:
+            raise OutOfMemoryError(
+                f"{name}: out of memory on {self.device} and not retried: {why}. Lower vram_budget_gb (or set "
+                "Config.memory_headroom_gb higher, so the budget yields earlier), the batch size or the context length."
+            ) from error
+        log.debug("%s: out of memory holding %d bytes of units; releasing them and retrying once", name, held)
+        p = self.pressure
+        p.oom_retries += 1
+        ceiling = max(min(p.ceiling or self.budget_plan.units, held) // 2, max(self.sizes))
+        p.learned_headroom += max(held - ceiling, 0)
+        names = [self.units[v].name for v in self.planner.resident()]
+        self._drop_all()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._set_ceiling(ceiling, pressure.read_memory(self.device), "oom", names)
 
     def ensure_configured(self) -> None:
         self.resolve()
@@ -256,6 +318,7 @@ class Runtime:
 
     def _enter_unit(self, i: int) -> None:
         self.ensure_configured()
+        self._respond_to_pressure()
         if not self._in_pass:
             self._ran_outside = True
         self.placement.check_same_objects(i)
@@ -270,8 +333,6 @@ class Runtime:
         log.debug("access %s: %s", self.units[i].name, acc)
         for v in acc.evict:
             self._evict(v)
-        if acc.pressure_evicted_bytes:
-            notify_pressure(lambda: self._pressure_event(i, acc.evict))
         tr = self.transfer
         if acc.load:
             tr.load(i, demand=True)
@@ -317,16 +378,72 @@ class Runtime:
         if self.planner is not None:
             self.planner.reset()
 
-    def _pressure_event(self, i: int, evicted: list) -> MemoryPressureEvent:
-        s = self.planner.stats()
-        return MemoryPressureEvent(
-            level=s["used"] / max(self.planner.budget, 1),
-            unit=self.units[i].name,
-            evicted=[self.units[v].name for v in evicted],
-            bytes_in_use=self.budget_plan.resident + s["used"],
-            budget_bytes=self.budget_plan.budget,
-            mode=self.config.memory_pressure_mode.value,
-        )
+    # ------------------------------------------------------------ memory pressure
+
+    def _respond_to_pressure(self) -> None:
+        """At a unit boundary: apply a ceiling decided while this model ran, then (at most
+        every ``pressure.PROBE_INTERVAL``) read the device's free memory and set the ceiling of
+        every model streaming to this device (those running in another thread at their next
+        unit)."""
+        p = self.pressure
+        if p.pending is not None:
+            self._set_ceiling(*p.pending)
+        if not pressure.due(self.device):
+            return
+        peers = [
+            rt
+            for rt in list(_RUNTIMES)
+            if rt.device == self.device and rt.planner is not None and rt.transfer is not None
+        ]
+        reading = pressure.read_memory(self.device)
+        allowed = pressure.allowances(peers, reading)
+        for rt, allowance in zip(peers, allowed or [None] * len(peers)):
+            rt.pressure.free = reading.free
+            if allowance is None:
+                continue
+            if rt is self:
+                self._set_ceiling(allowance, reading)
+            elif rt._lock.acquire(blocking=False):
+                try:
+                    rt._set_ceiling(allowance, reading)
+                finally:
+                    rt._lock.release()
+            else:
+                rt.pressure.pending = (allowance, reading)
+
+    def _set_ceiling(self, allowance: int, reading, level: Optional[str] = None, evicted: list = ()) -> None:
+        """Make `allowance` the units' budget (never above the planned one), evicting what no
+        longer fits, and tell the callback when the pressure level changed."""
+        p = self.pressure
+        p.pending = None
+        p.free = reading.free
+        plan = self.budget_plan.units
+        ceiling = None if allowance >= plan else allowance
+        evicted = list(evicted)
+        if self.planner is not None and ceiling != p.ceiling:
+            p.ceiling = ceiling
+            dropped, _ = self.planner.set_budget(plan if ceiling is None else ceiling)
+            for v in dropped:
+                self._evict(v)
+            evicted += [self.units[v].name for v in dropped]
+            self.transfer.set_limit(self.planner.budget)
+        level = level or pressure.level(self, allowance)
+        if level != p.level:
+            ev = MemoryPressureEvent(
+                level=level,
+                previous=p.level,
+                model=type(self.model).__name__,
+                free_bytes=reading.free,
+                budget_bytes=self.budget_plan.resident + (self.planner.budget if self.planner else plan),
+                requested_budget_bytes=self.budget_plan.budget,
+                evicted=evicted,
+                mode=self.config.memory_pressure_mode.value,
+                device=str(self.device),
+            )
+            p.level = level
+            p.history.append(ev)
+            log.debug("memory pressure: %s", ev)
+            notify_pressure(ev)
 
     def _track_peak(self) -> None:
         self.counters.peak_held = max(self.counters.peak_held, self.held_bytes())
@@ -411,6 +528,45 @@ class Runtime:
         for i in range(len(self.units)):
             self.placement.unbind(i, self.device)
 
+
+def _state(args, kwargs) -> list:
+    """What a unit's inputs are now: every tensor reachable from them (through lists, dicts,
+    a KV cache's layers and other plain objects, a few levels deep) with its version counter,
+    which in-place writes advance. Two equal states mean nothing was appended or written."""
+    out: list = []
+
+    def version(t: torch.Tensor) -> tuple:
+        # Inference tensors have no version counter; their writes go unseen (a KV cache
+        # appends by making new tensors, which is seen).
+        return id(t), t.data_ptr() if t.is_inference() else t._version
+
+    def walk(obj, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            out.append(version(obj))
+        elif type(obj) in _ATOMS or depth > 4 or isinstance(obj, nn.Module):
+            return
+        elif type(getattr(obj, "layers", None)) is list and hasattr(obj, "get_seq_length"):
+            # transformers' KV cache (the common case, made fast): each layer's tensors.
+            for layer in obj.layers:
+                out.extend(version(t) for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        elif isinstance(obj, (list, tuple)):
+            out.append(len(obj))
+            for x in obj:
+                walk(x, depth + 1)
+        elif isinstance(obj, dict):
+            out.append(len(obj))
+            for x in obj.values():
+                walk(x, depth + 1)
+        elif hasattr(obj, "__dict__"):
+            for x in vars(obj).values():
+                walk(x, depth + 1)
+
+    walk(args, 0)
+    walk(kwargs, 0)
+    return out
+
+
+_ATOMS = frozenset((type(None), bool, int, float, str, torch.device, torch.dtype))
 
 def _after_fork_in_child() -> None:
     for rt in list(_RUNTIMES):

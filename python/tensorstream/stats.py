@@ -14,29 +14,44 @@ GiB = 1 << 30
 @dataclass
 class MemoryPressureEvent:
     """Passed to the callback of :func:`tensorstream.set_memory_pressure_callback` when a
-    unit had to be loaded on demand and the planner evicted others to make room."""
+    model's memory pressure level changes (see :mod:`tensorstream.pressure`)."""
 
-    level: float
-    """Fraction of the budget in use after the access (0..1)."""
-    unit: str
-    evicted: list
-    bytes_in_use: int
+    level: str
+    """The level now: "none" (the budget as set), "low" (kept units yielded), "high" (the
+    prefetch window yielded too), "critical" (down to one unit and still short of memory),
+    or "oom" (an out-of-memory error made it release every unit)."""
+    previous: str
+    model: str
+    """The model's class name."""
+    free_bytes: int
+    """Free memory on the device when the level changed."""
     budget_bytes: int
+    """The effective budget now: resident modules plus what streamed units may take."""
+    requested_budget_bytes: int
+    """The budget the user set (or the default): the effective one never exceeds it."""
+    evicted: list
+    """Names of the units this change evicted."""
     mode: str
+    device: str
 
     def __str__(self) -> str:
         return (
-            f"{self.level:.0%} of {self.budget_bytes / GiB:.2f} GiB in use; loading {self.unit} "
-            f"evicted {len(self.evicted)} unit(s) ({self.mode})"
+            f"{self.model} on {self.device}: pressure {self.previous} -> {self.level}, "
+            f"{self.free_bytes / GiB:.2f} GiB free, budget {self.budget_bytes / GiB:.2f} of "
+            f"{self.requested_budget_bytes / GiB:.2f} GiB, {len(self.evicted)} unit(s) evicted ({self.mode})"
         )
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 _pressure_callbacks: list = []
 
 
 def set_memory_pressure_callback(fn: Optional[Callable[[MemoryPressureEvent], None]]) -> None:
-    """Call `fn(event)` whenever the planner must evict units to load one on demand
-    (budget pressure). ``None`` removes the callback."""
+    """Call `fn(event)` whenever an offloaded model's memory pressure level changes (free
+    memory fell below the headroom and its budget yielded, or it recovered). ``None``
+    removes the callback."""
     _pressure_callbacks.clear()
     if fn is not None:
         if not callable(fn):
@@ -44,12 +59,9 @@ def set_memory_pressure_callback(fn: Optional[Callable[[MemoryPressureEvent], No
         _pressure_callbacks.append(fn)
 
 
-def notify_pressure(event_fn: Callable[[], MemoryPressureEvent]) -> None:
-    """Call the registered callback with the event `event_fn` builds (only if there is one)."""
-    if _pressure_callbacks:
-        ev = event_fn()
-        for cb in list(_pressure_callbacks):
-            cb(ev)
+def notify_pressure(event: MemoryPressureEvent) -> None:
+    for cb in list(_pressure_callbacks):
+        cb(event)
 
 
 @dataclass
@@ -81,6 +93,8 @@ def statistics(rt) -> dict:
     plan = rt.budget_plan
     budget = plan.budget if plan else 0
     resident_bytes = plan.resident if plan else 0
+    effective = resident_bytes + rt.planner.budget if rt.planner else budget
+    pr = rt.pressure
     source = rt.source
     out = {
         "device": str(rt.device),
@@ -92,6 +106,12 @@ def statistics(rt) -> dict:
         "memory_pressure_mode": rt.config.memory_pressure_mode.value,
         "budget_gb": budget / GiB,
         "budget_bytes": budget,
+        "effective_budget_gb": effective / GiB,
+        "effective_budget_bytes": effective,
+        "pressure_level": pr.level,
+        "pressure_history": [ev.as_dict() for ev in pr.history],
+        "memory_free_bytes": pr.free,
+        "oom_retries": pr.oom_retries,
         "resident_module_bytes": resident_bytes,
         "vram_usage_gb": held / GiB,
         "streamed_bytes_held": held,

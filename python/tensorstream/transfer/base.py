@@ -12,6 +12,7 @@ decides what to load and evict and calls:
 - ``evict(i)``: drop unit `i`'s bytes;
 - ``reset()``: drop every unit and cancel every read, returning all accounting to zero
   (recovery after an exception, teardown);
+- ``set_limit(nbytes)``: the units' budget changed under memory pressure;
 - ``held_bytes()``, ``describe()``, ``close()``, and ``abandon()`` after ``fork()``;
 - ``extra_stats()``: the path's own entries of :func:`tensorstream.get_model_statistics`.
 """
@@ -96,6 +97,9 @@ class Transfer:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def set_limit(self, nbytes: int) -> None:
+        """The units' budget changed (memory pressure): hold at most `nbytes` of buffers."""
 
     def extra_stats(self) -> dict:
         """Entries this path adds to the model's statistics (none by default)."""
@@ -183,6 +187,14 @@ class SlotPool:
         self.idle.clear()
         self.allocated = 0
 
+    def set_limit(self, limit: int) -> None:
+        """Hold at most `limit` bytes from now on, freeing idle buffers until it does."""
+        self.limit = limit
+        for size, lst in self.idle.items():
+            while lst and self.allocated > limit:
+                lst.pop()
+                self.allocated -= size
+
 
 class PooledTransfer(Transfer):
     """A path whose units live in budgeted slots from a SlotPool (pread, CUDA)."""
@@ -214,6 +226,9 @@ class PooledTransfer(Transfer):
 
     def held_bytes(self) -> int:
         return self.pool.allocated
+
+    def set_limit(self, nbytes: int) -> None:
+        self.pool.set_limit(nbytes)
 
     def reset(self) -> None:
         super().reset()

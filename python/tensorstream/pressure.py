@@ -1,0 +1,206 @@
+"""Memory pressure: what the device has free, and the budget that yields to it.
+
+The budget a user sets is a ceiling, not a promise. At unit boundaries (at most every
+:data:`PROBE_INTERVAL` seconds per device) the runtime reads the device's free memory
+(:func:`read_memory`). When it falls below the headroom (``Config.memory_headroom_gb``, by
+default a share of the device's capacity that depends on the ``MemoryPressureMode``), every
+offloaded model on that device shrinks its units' budget so that one and a half headrooms
+are free again: the kept units go first, then the prefetch window, down to one unit. When
+more than two headrooms are free, the budgets grow back towards what the users set, again
+aiming at one and a half. Between one and two headrooms nothing changes: the gap between
+the two thresholds is what keeps the budgets from oscillating. See "Memory pressure" in
+docs/design.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .budget import window_bytes
+from .errors import InvalidArgumentError
+from .memory import meminfo
+
+PROBE_INTERVAL = 0.01
+"""Seconds between two probes of one device's free memory (tests set 0)."""
+
+LEVELS = ("none", "low", "high", "critical")
+"""Pressure levels: none (the budget as set), low (kept units yielded), high (the prefetch
+window yielded too), critical (down to one unit, and still short of the headroom)."""
+
+HEADROOM_SHARE = {"conservative": 0.10, "balanced": 0.05, "aggressive": 0.02}
+"""Default headroom by memory pressure mode, as a share of the device's capacity:
+conservative yields early, aggressive keeps the most."""
+
+HISTORY = 16
+"""Pressure events each model keeps for its statistics."""
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """One probe of a device's memory."""
+
+    free: int
+    """Bytes the process can still allocate there."""
+    capacity: int
+    """The most the process may use there: the GPU's memory (or its per-process cap), the
+    machine's RAM, or the container's limit."""
+
+
+_probe: list = []
+
+
+def set_memory_probe(fn: Optional[Callable[[torch.device], MemoryReading]]) -> None:
+    """Replace how free memory is read: `fn(device)` returns a :class:`MemoryReading` (for
+    tests, or to budget against a limit of your own). ``None`` restores the built-in probe."""
+    _probe.clear()
+    if fn is not None:
+        if not callable(fn):
+            raise InvalidArgumentError(f"memory probe must be callable, got {fn!r}")
+        _probe.append(fn)
+
+
+def read_memory(device: torch.device) -> MemoryReading:
+    """The free memory of `device`: on CUDA the driver's free memory plus what the caching
+    allocator holds unused, within ``torch.cuda.set_per_process_memory_fraction``'s cap; on
+    CPU ``MemAvailable``, within the memory cgroup's limit when there is one."""
+    if _probe:
+        return _probe[0](device)
+    if device.type == "cuda":
+        return _cuda(device)
+    return _cpu()
+
+
+def _cuda(device: torch.device) -> MemoryReading:
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if fraction < 1:
+        total = int(total * fraction)
+        free = min(free, total - allocated)
+    return MemoryReading(free=max(free, 0), capacity=total)
+
+
+def _cpu() -> MemoryReading:
+    info = meminfo()
+    free, capacity = info.get("MemAvailable", 0), info.get("MemTotal", 0)
+    limit = _cgroup_limit()
+    if limit is not None:
+        cg_max, cg_free = limit
+        capacity, free = min(capacity, cg_max), min(free, cg_free)
+    return MemoryReading(free=free, capacity=capacity)
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat(text: str, key: str) -> int:
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+_CGROUP_LIMIT_UNSET = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_limit() -> Optional[tuple]:
+    """(limit, free) of this process's memory cgroup, or None without a limit. Free is the
+    limit less what the group uses, its inactive file pages counted as free (the kernel
+    reclaims them before it would kill)."""
+    for d, files in (
+        ("/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")),  # v2
+        ("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")),
+    ):
+        limit = _read(os.path.join(d, files[0]))
+        if limit is None:
+            continue
+        limit = limit.strip()
+        if limit == "max" or int(limit) >= _CGROUP_LIMIT_UNSET:
+            return None
+        used = int(_read(os.path.join(d, files[1])) or 0)
+        inactive = _stat(_read(os.path.join(d, "memory.stat")) or "", files[2])
+        return int(limit), max(int(limit) - used + inactive, 0)
+    return None
+
+
+def headroom(config, capacity: int) -> int:
+    """The free memory below which the budget yields."""
+    if config.memory_headroom_gb is not None:
+        return int(config.memory_headroom_gb * (1 << 30))
+    return int(capacity * HEADROOM_SHARE[config.memory_pressure_mode.value])
+
+
+@dataclass
+class Yielding:
+    """One model's state under memory pressure (``Runtime.pressure``)."""
+
+    ceiling: Optional[int] = None
+    """The units' budget now, when it yields (None: the budget as planned)."""
+    pending: Optional[int] = None
+    """A ceiling another thread decided while this model ran; applied at its next unit."""
+    level: str = "none"
+    learned_headroom: int = 0
+    """Bytes an out-of-memory error made the model give up beyond the headroom: later probes
+    keep them free too (the forward needs more than the headroom left)."""
+    oom_retries: int = 0
+    free: Optional[int] = None
+    """Free bytes at the last probe."""
+
+    def __post_init__(self) -> None:
+        self.history: deque = deque(maxlen=HISTORY)
+
+
+_last_probe: dict = {}
+
+
+def due(device: torch.device) -> bool:
+    """Whether the device's free memory should be read again now (rate limit)."""
+    key = str(device)
+    now = time.monotonic()
+    if now - _last_probe.get(key, float("-inf")) < PROBE_INTERVAL:
+        return False
+    _last_probe[key] = now
+    return True
+
+
+def allowances(peers: list, reading: MemoryReading) -> Optional[list]:
+    """The units' budget each of `peers` (runtimes streaming to one device) may have now, or
+    None when free memory is within the band where nothing changes. Together they may hold
+    what they hold now, plus what is free, less one and a half headrooms; it is shared in
+    proportion to the budgets their users set, each between its largest unit and its budget."""
+    room = max(headroom(rt.config, reading.capacity) + rt.pressure.learned_headroom for rt in peers)
+    shrink = reading.free < room
+    grow = reading.free > 2 * room and any(rt.pressure.ceiling is not None for rt in peers)
+    if not (shrink or grow):
+        return None
+    # Bytes a model holds that the probe does not already count as free (a mapping's pages
+    # are page cache, which MemAvailable counts).
+    own = sum(0 if rt.transfer.zero_copy else rt.held_bytes() for rt in peers)
+    total = max(own + reading.free - room * 3 // 2, 0)
+    asked = [rt.budget_plan.units for rt in peers]
+    whole = max(sum(asked), 1)
+    return [total * a // whole for a in asked]
+
+
+def level(rt, allowance: int) -> str:
+    """The pressure level of runtime `rt` given the units' budget it was allowed."""
+    plan = rt.budget_plan.units
+    if allowance >= plan:
+        return "none"
+    largest = max(rt.sizes) if rt.sizes else 0
+    if allowance < largest:
+        return "critical"
+    return "low" if allowance >= window_bytes(rt.sizes, rt.config) else "high"
