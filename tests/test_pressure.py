@@ -27,7 +27,7 @@ from conftest import (
 )
 
 import tensorstream as ts
-from tensorstream import pressure, runtime
+from tensorstream import memory, pressure, runtime
 
 LAYERS = 6
 NEW_TOKENS = 16
@@ -330,21 +330,21 @@ def test_the_cpu_probe_reads_meminfo_and_the_cgroup_limit(monkeypatch):
         "/sys/fs/cgroup/memory.current": "805306368\n",
         "/sys/fs/cgroup/memory.stat": "anon 100\nfile 300\ninactive_file 67108864\n",
     }
-    monkeypatch.setattr(pressure, "_read", files.get)
-    assert pressure._cgroup_limit() == (1 << 30, (1 << 30) - 805306368 + 67108864)
+    monkeypatch.setattr(memory, "_read", files.get)
+    assert memory.cgroup_limit() == (1 << 30, (1 << 30) - 805306368 + 67108864)
     r = pressure.read_memory(torch.device("cpu"))
     assert r.capacity == 1 << 30 and r.free == (1 << 30) - 805306368 + 67108864
     files["/sys/fs/cgroup/memory.max"] = "max\n"
-    assert pressure._cgroup_limit() is None
+    assert memory.cgroup_limit() is None
     v1 = {
         "/sys/fs/cgroup/memory/memory.limit_in_bytes": "2147483648\n",
         "/sys/fs/cgroup/memory/memory.usage_in_bytes": "2147483648\n",
         "/sys/fs/cgroup/memory/memory.stat": "cache 5\ntotal_inactive_file 4096\n",
     }
-    monkeypatch.setattr(pressure, "_read", v1.get)
-    assert pressure._cgroup_limit() == (2 << 30, 4096)
+    monkeypatch.setattr(memory, "_read", v1.get)
+    assert memory.cgroup_limit() == (2 << 30, 4096)
     v1["/sys/fs/cgroup/memory/memory.limit_in_bytes"] = "9223372036854771712\n"
-    assert pressure._cgroup_limit() is None
+    assert memory.cgroup_limit() is None
 
 
 def test_the_headroom_follows_the_mode_unless_set(tmp_path):

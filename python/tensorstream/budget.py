@@ -18,7 +18,7 @@ from torch import nn
 from . import _core
 from .config import Config
 from .errors import BudgetError, InvalidArgumentError
-from .memory import available_ram, total_ram
+from .pressure import read_memory
 from .units import UnitSpec, resident_bytes
 
 GiB = 1 << 30
@@ -39,14 +39,15 @@ class BudgetPlan:
 
 def default_budget(device: torch.device) -> int:
     """The budget when the user sets none: 80% of the free GPU memory; on CPU the available
-    RAM minus a headroom of max(2 GiB, 10% of RAM)."""
+    RAM (within the memory cgroup's limit) minus a headroom of max(2 GiB, 10% of RAM)."""
+    if device.type not in ("cuda", "cpu"):
+        raise InvalidArgumentError(
+            f"device {device} is not supported; TensorStream streams to CPU or CUDA devices"
+        )
+    mem = read_memory(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * 0.8)
-    if device.type == "cpu":
-        return max(available_ram() - max(2 * GiB, total_ram() // 10), 0)
-    raise InvalidArgumentError(
-        f"device {device} is not supported; TensorStream streams to CPU or CUDA devices"
-    )
+        return int(mem.free * 0.8)
+    return max(mem.free - max(2 * GiB, mem.capacity // 10), 0)
 
 
 def window_bytes(sizes: list, config: Config) -> int:
@@ -62,10 +63,8 @@ def model_bytes(model: nn.Module, units: list) -> int:
 
 
 def device_capacity(device: torch.device) -> int:
-    """All the memory of the device: the GPU's, or the machine's RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    return total_ram()
+    """All the memory of the device: the GPU's, or the machine's RAM (or the cgroup's limit)."""
+    return read_memory(device).capacity
 
 
 def room_for_units(model: nn.Module, units: list, sizes: list, budget: int, explicit: bool = True) -> int:

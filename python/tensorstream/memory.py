@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 
 PAGE = 4096
@@ -22,21 +25,64 @@ def meminfo() -> dict:
 
 
 def available_ram() -> int:
+    """RAM this process can still take: ``MemAvailable``, within the memory cgroup's limit."""
     info = meminfo()
-    if "MemAvailable" in info:
-        return info["MemAvailable"]
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    free = info["MemAvailable"] if "MemAvailable" in info else _psutil().available
+    limit = cgroup_limit()
+    return free if limit is None else min(free, limit[1])
 
 
 def total_ram() -> int:
+    """The machine's RAM, or the memory cgroup's limit when it is lower."""
     info = meminfo()
-    if "MemTotal" in info:
-        return info["MemTotal"]
+    total = info["MemTotal"] if "MemTotal" in info else _psutil().total
+    limit = cgroup_limit()
+    return total if limit is None else min(total, limit[0])
+
+
+def _psutil():
     import psutil
 
-    return int(psutil.virtual_memory().total)
+    return psutil.virtual_memory()
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat(text: str, key: str) -> int:
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return 0
+
+
+_CGROUP_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def cgroup_limit() -> Optional[tuple]:
+    """(limit, free) of this process's memory cgroup (v2, else v1), or None without a limit.
+    Free is the limit less what the group uses, its inactive file pages counted as free (the
+    kernel reclaims them before it would kill)."""
+    for d, files in (
+        ("/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")),
+        ("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")),
+    ):
+        limit = _read(os.path.join(d, files[0]))
+        if limit is None:
+            continue
+        limit = limit.strip()
+        if limit == "max" or int(limit) >= _CGROUP_UNLIMITED:
+            return None
+        used = int(_read(os.path.join(d, files[1])) or 0)
+        inactive = _stat(_read(os.path.join(d, "memory.stat")) or "", files[2])
+        return int(limit), max(int(limit) - used + inactive, 0)
+    return None
 
 
 def peak_rss() -> int:

@@ -14,7 +14,6 @@ docs/design.md.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .budget import window_bytes
 from .errors import InvalidArgumentError
-from .memory import meminfo
+from .memory import available_ram, total_ram
 
 PROBE_INTERVAL = 0.01
 """Seconds between two probes of one device's free memory (tests set 0)."""
@@ -68,7 +66,7 @@ def set_memory_probe(fn: Optional[Callable[[torch.device], MemoryReading]]) -> N
 def read_memory(device: torch.device) -> MemoryReading:
     """The free memory of `device`: on CUDA the driver's free memory plus what the caching
     allocator holds unused, within ``torch.cuda.set_per_process_memory_fraction``'s cap; on
-    CPU ``MemAvailable``, within the memory cgroup's limit when there is one."""
+    CPU the available RAM, within the memory cgroup's limit when there is one."""
     if _probe:
         return _probe[0](device)
     if device.type == "cuda":
@@ -80,7 +78,8 @@ def _cuda(device: torch.device) -> MemoryReading:
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     free += torch.cuda.memory_reserved(device) - allocated
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
+    fraction = get_fraction(device) if get_fraction else 1.0
     if fraction < 1:
         total = int(total * fraction)
         free = min(free, total - allocated)
@@ -88,52 +87,7 @@ def _cuda(device: torch.device) -> MemoryReading:
 
 
 def _cpu() -> MemoryReading:
-    info = meminfo()
-    free, capacity = info.get("MemAvailable", 0), info.get("MemTotal", 0)
-    limit = _cgroup_limit()
-    if limit is not None:
-        cg_max, cg_free = limit
-        capacity, free = min(capacity, cg_max), min(free, cg_free)
-    return MemoryReading(free=free, capacity=capacity)
-
-
-def _read(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _stat(text: str, key: str) -> int:
-    for line in text.splitlines():
-        k, _, v = line.partition(" ")
-        if k == key:
-            return int(v)
-    return 0
-
-
-_CGROUP_LIMIT_UNSET = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
-
-
-def _cgroup_limit() -> Optional[tuple]:
-    """(limit, free) of this process's memory cgroup, or None without a limit. Free is the
-    limit less what the group uses, its inactive file pages counted as free (the kernel
-    reclaims them before it would kill)."""
-    for d, files in (
-        ("/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")),  # v2
-        ("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")),
-    ):
-        limit = _read(os.path.join(d, files[0]))
-        if limit is None:
-            continue
-        limit = limit.strip()
-        if limit == "max" or int(limit) >= _CGROUP_LIMIT_UNSET:
-            return None
-        used = int(_read(os.path.join(d, files[1])) or 0)
-        inactive = _stat(_read(os.path.join(d, "memory.stat")) or "", files[2])
-        return int(limit), max(int(limit) - used + inactive, 0)
-    return None
+    return MemoryReading(free=available_ram(), capacity=total_ram())
 
 
 def headroom(config, capacity: int) -> int:
@@ -195,12 +149,11 @@ def allowances(peers: list, reading: MemoryReading) -> Optional[list]:
     return [total * a // whole for a in asked]
 
 
-def level(rt, allowance: int) -> str:
-    """The pressure level of runtime `rt` given the units' budget it was allowed."""
-    plan = rt.budget_plan.units
+def level(allowance: int, plan: int, largest: int, window: int) -> str:
+    """The pressure level of a model allowed `allowance` bytes of units, planned `plan`,
+    whose largest unit takes `largest` and whose prefetch window needs `window`."""
     if allowance >= plan:
         return "none"
-    largest = max(rt.sizes) if rt.sizes else 0
     if allowance < largest:
         return "critical"
-    return "low" if allowance >= window_bytes(rt.sizes, rt.config) else "high"
+    return "low" if allowance >= window else "high"

@@ -427,7 +427,9 @@ class Runtime:
                 self._evict(v)
             evicted += [self.units[v].name for v in dropped]
             self.transfer.set_limit(self.planner.budget)
-        level = level or pressure.level(self, allowance)
+        level = level or pressure.level(
+            allowance, plan, max(self.sizes), budget.window_bytes(self.sizes, self.config)
+        )
         if level != p.level:
             ev = MemoryPressureEvent(
                 level=level,
