@@ -266,7 +266,10 @@ fn build(path: &Path, inp: &mut Input<'_>) -> bool {
     let Ok(mut w) = StoreWriter::create(path, "fuzz") else {
         return false;
     };
-    if flags & 1 != 0 && w.set_compression(Some(1), 1).is_err() {
+    if flags & 1 != 0
+        && w.set_compression(Some(1), 1, tensorstream_core::codec::CodeFamily::Bytegroup)
+            .is_err()
+    {
         return false;
     }
     let n_units = 1 + inp.below(3);

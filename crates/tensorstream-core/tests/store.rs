@@ -11,7 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use tensorstream_core::io::{AlignedBuf, ReadBackend};
 use tensorstream_core::store::{
-    align_up, chunked_checksum, unit_buffer_len, DType, Store, StoreWriter, BLOCK, TENSOR_ALIGN,
+    align_up, chunked_checksum, unit_buffer_len, DType, Store, StoreWriter, BLOCK,
+    FORMAT_MINOR_VERSION, TENSOR_ALIGN,
 };
 use tensorstream_core::{Engine, Error};
 
@@ -1249,7 +1250,7 @@ fn writer_records_each_tensors_digest() {
     let units = digest_units();
     let path = write_store(&dir.path().join("d.tstore"), "fp", &units).unwrap();
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.manifest().minor_version, 1);
+    assert_eq!(store.manifest().minor_version, FORMAT_MINOR_VERSION);
     for (i, (rec, want)) in store.manifest().units.iter().zip(&units).enumerate() {
         let layout = store.layout(i).unwrap();
         for ((t, w), slot) in rec.tensors.iter().zip(&want.tensors).zip(&layout.tensors) {
@@ -1380,7 +1381,8 @@ fn coded_units_verify_tensor_digests_after_decoding() {
     };
     let (a, b) = (f32s(300_000, 3), f32s(300_000, 5));
     let mut w = StoreWriter::create(&path, "fp").unwrap();
-    w.set_compression(Some(3), 2).unwrap();
+    w.set_compression(Some(3), 2, tensorstream_core::codec::CodeFamily::Bytegroup)
+        .unwrap();
     w.begin_unit("u").unwrap();
     w.add_tensor("a", DType::F32, &[300_000], &a).unwrap();
     w.add_tensor("b", DType::F32, &[300_000], &b).unwrap();

@@ -20,6 +20,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<planner::PyPlanner>()?;
     m.add_function(wrap_pyfunction!(store::checksum, m)?)?;
     m.add_function(wrap_pyfunction!(store::store_unit_buffer_len, m)?)?;
+    m.add_function(wrap_pyfunction!(store::codec_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(store::codec_decode, m)?)?;
     m.add_function(wrap_pyfunction!(engine::drop_page_cache, m)?)?;
     for record in types::ALL {
         record.register(m)?;

@@ -1,7 +1,7 @@
 //! Store writer, store reader and safetensors view.
 
 use crate::errors::IntoPyResult;
-use crate::types::{CHECKPOINT_TENSOR, TENSOR, UNIT, UNIT_CODEC};
+use crate::types::{CHECKPOINT_TENSOR, CHUNK, TENSOR, UNIT, UNIT_CODEC};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -104,12 +104,14 @@ impl PyStoreWriter {
         Ok(())
     }
 
-    /// Code the units begun from now on with the `bytegroup` codec (zstd `level` for the
-    /// planes zstd codes) on `threads` threads (0: the machine's cores, at most 8), or store
-    /// them raw with `level=None`.
-    #[pyo3(signature = (level, threads=0))]
-    fn set_compression(&mut self, level: Option<i32>, threads: usize) -> PyResult<()> {
-        self.w()?.set_compression(level, threads).py()
+    /// Code the units begun from now on in coded chunks with `code`'s code ("bytegroup":
+    /// Huffman/zstd planes decoded on the CPU, zstd `level` for the planes zstd codes;
+    /// "table": the GPU-decodable table code) on `threads` threads (0: the machine's
+    /// cores, at most 8), or store them raw with `level=None`.
+    #[pyo3(signature = (level, threads=0, code="bytegroup"))]
+    fn set_compression(&mut self, level: Option<i32>, threads: usize, code: &str) -> PyResult<()> {
+        let family = code_family(code)?;
+        self.w()?.set_compression(level, threads, family).py()
     }
 
     /// Measure the codec on `nbytes` of memory at `ptr` (elements `width` bytes wide):
@@ -118,7 +120,8 @@ impl PyStoreWriter {
     ///
     /// The caller guarantees `ptr` is valid for `nbytes` reads during the call.
     #[staticmethod]
-    #[pyo3(signature = (ptr, nbytes, width, level, threads, decode_threads))]
+    #[pyo3(signature = (ptr, nbytes, width, level, threads, decode_threads, code="bytegroup"))]
+    #[allow(clippy::too_many_arguments)]
     fn codec_benchmark<'py>(
         py: Python<'py>,
         ptr: usize,
@@ -127,7 +130,9 @@ impl PyStoreWriter {
         level: i32,
         threads: usize,
         decode_threads: Vec<usize>,
+        code: &str,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let family = code_family(code)?;
         if ptr == 0 || nbytes == 0 {
             return Err(PyValueError::new_err(
                 "codec_benchmark needs a non-empty buffer",
@@ -138,7 +143,7 @@ impl PyStoreWriter {
                 // SAFETY: the caller's contract: ptr is valid for nbytes reads during the call.
                 let raw = unsafe { std::slice::from_raw_parts(ptr as *const u8, nbytes) };
                 let t = Instant::now();
-                let coded = codec::encode_parallel(raw, width, level, threads)
+                let coded = codec::encode_parallel(family, raw, width, level, threads)
                     .map_err(|e| e.to_string())?;
                 let encode_s = t.elapsed().as_secs_f64();
                 let stored: usize = coded.iter().map(|c| c.1.len()).sum();
@@ -353,6 +358,97 @@ impl PyStore {
             inner: self.inner.layout(i).py()?,
         })
     }
+    /// Read layout of unit `i`'s stored (coded) bytes as they lie in the file, verified
+    /// against its stored checksum and not decoded, for a decoder of their own (the GPU);
+    /// None for a raw unit or one written before stored checksums.
+    fn stored_layout(&self, i: usize) -> PyResult<Option<PyLayout>> {
+        Ok(self
+            .inner
+            .stored_layout(i)
+            .py()?
+            .map(|inner| PyLayout { inner }))
+    }
+    /// ChunkEntry(raw_offset, raw_len, stored_offset, stored_len, mode) of each coded chunk
+    /// of unit `i` (empty for a raw unit).
+    fn chunks<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let units = &self.inner.manifest().units;
+        let u = units.get(i).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "unit index {i} out of range ({} units)",
+                units.len()
+            ))
+        })?;
+        u.chunks
+            .iter()
+            .map(|c| {
+                let entry = (
+                    c.raw_offset,
+                    c.raw_len,
+                    c.stored_offset,
+                    c.stored_len,
+                    c.mode.name(),
+                );
+                CHUNK.make(py, entry)
+            })
+            .collect()
+    }
+}
+
+/// The code family called `code`: "bytegroup" or "table".
+fn code_family(code: &str) -> PyResult<codec::CodeFamily> {
+    codec::CodeFamily::parse(code).ok_or_else(|| {
+        PyValueError::new_err(format!("unknown code '{code}' (known: bytegroup, table)"))
+    })
+}
+
+/// Code `data` (any length) as the writer does, in chunks of 4 MiB of `width`-byte
+/// elements with `code`'s code: (mode, stored bytes) per chunk. For tests and tools.
+#[pyfunction]
+#[pyo3(signature = (data, width, code="bytegroup", level=3))]
+pub fn codec_encode(
+    py: Python<'_>,
+    data: Vec<u8>,
+    width: u64,
+    code: &str,
+    level: i32,
+) -> PyResult<Vec<(&'static str, Py<pyo3::types::PyBytes>)>> {
+    let family = code_family(code)?;
+    let coded = py
+        .detach(move || codec::encode_all_with(family, &data, width, level))
+        .py()?;
+    Ok(coded
+        .into_iter()
+        .map(|(mode, bytes)| (mode.name(), pyo3::types::PyBytes::new(py, &bytes).unbind()))
+        .collect())
+}
+
+/// Decode one chunk's stored bytes, stored with `mode` ("raw", "bg2", "tb2", ...), into
+/// its `raw_len` bytes, as the I/O workers do. A chunk that does not decode raises
+/// StoreCorruptedError saying why. For tests and tools.
+#[pyfunction]
+pub fn codec_decode(
+    py: Python<'_>,
+    mode: &str,
+    stored: Vec<u8>,
+    raw_len: usize,
+) -> PyResult<Py<pyo3::types::PyBytes>> {
+    let m = codec::ChunkMode::parse(mode)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown chunk mode '{mode}'")))?;
+    let out = py
+        .detach(move || -> Result<Vec<u8>, String> {
+            let mut dec = codec::Decoder::new().map_err(|e| e.to_string())?;
+            let mut out = vec![0u8; raw_len];
+            dec.decode(m, &stored, &mut out)?;
+            Ok(out)
+        })
+        .map_err(|reason| {
+            crate::errors::to_py(tensorstream_core::Error::Format {
+                kind: "chunk",
+                path: "<memory>".into(),
+                reason: format!("{mode} chunk of {raw_len} raw bytes does not decode: {reason}"),
+            })
+        })?;
+    Ok(pyo3::types::PyBytes::new(py, &out).unbind())
 }
 
 /// A read-only view of a safetensors checkpoint (file, directory or sharded index).

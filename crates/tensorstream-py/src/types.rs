@@ -61,6 +61,12 @@ pub static UNIT_CODEC: Record =
 /// A tensor of a safetensors checkpoint, at its absolute offset in its file.
 pub static CHECKPOINT_TENSOR: Record =
     Record::new("CheckpointTensor", "dtype shape file offset nbytes");
+/// One coded chunk of a unit: where its raw bytes go in the unit's buffer, where its
+/// stored bytes lie in the unit's stored bytes (`Store.stored_layout`), and its mode.
+pub static CHUNK: Record = Record::new(
+    "ChunkEntry",
+    "raw_offset raw_len stored_offset stored_len mode",
+);
 /// The planner's answer to an access.
 pub static ACCESS: Record = Record::new(
     "Access",
@@ -68,4 +74,11 @@ pub static ACCESS: Record = Record::new(
 );
 
 /// Every record type, for registration.
-pub static ALL: [&Record; 5] = [&TENSOR, &UNIT, &UNIT_CODEC, &CHECKPOINT_TENSOR, &ACCESS];
+pub static ALL: [&Record; 6] = [
+    &TENSOR,
+    &UNIT,
+    &UNIT_CODEC,
+    &CHUNK,
+    &CHECKPOINT_TENSOR,
+    &ACCESS,
+];

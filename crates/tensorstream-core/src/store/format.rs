@@ -15,9 +15,11 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"TSSTORE\0";
 /// The format version this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
-/// The minor version this crate writes: 1 adds a `digest` to every tensor. Minor versions
-/// only add optional fields, so a reader accepts any (an older reader ignores the fields).
-pub const FORMAT_MINOR_VERSION: u32 = 1;
+/// The minor version this crate writes: 1 adds a `digest` to every tensor, 2 a
+/// `stored_checksum` to every coded unit (and the table code's chunk modes). Minor versions
+/// only add optional fields and chunk modes, so a reader accepts any (an older reader
+/// ignores the fields, and refuses a chunk mode it does not know, naming it).
+pub const FORMAT_MINOR_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
 /// Largest manifest a reader accepts, checked before anything is allocated.
@@ -145,6 +147,12 @@ pub struct UnitRecord {
     /// For a coded unit, its chunks in order; empty (and absent from the JSON) for a raw one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<ChunkRecord>,
+    /// For a coded unit (minor version 2 on), the checksum of its stored bytes (the first
+    /// [`stored_length`](Self::stored_length) bytes at `offset`, computed as `checksum`
+    /// is), so that its coded bytes can be verified without decoding them
+    /// ([`stored_layout`](Self::stored_layout)); absent for a raw unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_checksum: Option<String>,
 }
 
 /// One coded chunk of a unit. The manifest writes it as the array
@@ -209,6 +217,37 @@ impl UnitRecord {
     /// The checksum as a number.
     pub fn checksum_value(&self) -> u64 {
         u64::from_str_radix(&self.checksum, 16).unwrap_or(0)
+    }
+
+    /// Read layout of the unit's stored bytes as they lie in the file at `path`, for a
+    /// reader that decodes them itself (a GPU): one aligned extent of `padded_length`
+    /// bytes into a buffer of that size, verified against `stored_checksum`, with no
+    /// tensors (their bytes exist only once decoded). `None` for a raw unit, or a coded one
+    /// written before stored checksums (minor version 2).
+    ///
+    /// As for [`layout`](Self::layout): call it only on a validated record.
+    pub(crate) fn stored_layout(&self, path: &Path) -> Option<UnitLayout> {
+        let value = parse_hex64(self.stored_checksum.as_deref()?)?;
+        if !self.is_coded() {
+            return None;
+        }
+        Some(UnitLayout {
+            name: self.name.clone(),
+            files: vec![path.to_path_buf()],
+            extents: vec![Extent {
+                file: 0,
+                file_offset: self.offset,
+                len: self.padded_length,
+                dest_offset: 0,
+            }],
+            chunks: Vec::new(),
+            buffer_len: self.padded_length,
+            tensors: Vec::new(),
+            checksum: Some(ExpectedChecksum {
+                value,
+                covered: self.stored_length(),
+            }),
+        })
     }
 
     /// Read layout of the unit in the store file at `path`, checksum verified: one aligned
@@ -337,6 +376,27 @@ impl Manifest {
                     "unit '{}' has a malformed checksum '{}'",
                     u.name, u.checksum
                 )));
+            }
+            match (&u.stored_checksum, u.is_coded()) {
+                (Some(c), true) if parse_hex64(c).is_none() => {
+                    return Err(bad(format!(
+                        "unit '{}' has a malformed stored checksum '{c}', expected 16 lowercase hex digits",
+                        u.name
+                    )))
+                }
+                (Some(_), false) => {
+                    return Err(bad(format!(
+                        "unit '{}' is raw but records a stored checksum",
+                        u.name
+                    )))
+                }
+                (None, true) if self.minor_version >= 2 => {
+                    return Err(bad(format!(
+                        "coded unit '{}' has no stored checksum, which minor version {} requires",
+                        u.name, self.minor_version
+                    )))
+                }
+                _ => {}
             }
             if u.offset % BLOCK != 0 {
                 return Err(bad(format!(

@@ -138,7 +138,9 @@ impl UnitLayout {
             }
             let stored_ok = match c.mode {
                 ChunkMode::Raw => c.stored_len == c.raw_len,
-                ChunkMode::Grouped { .. } => c.stored_len > 0 && c.stored_len < c.raw_len,
+                ChunkMode::Grouped { .. } | ChunkMode::Table { .. } => {
+                    c.stored_len > 0 && c.stored_len < c.raw_len
+                }
             };
             if !(1..=CODEC_CHUNK).contains(&c.raw_len) || !stored_ok {
                 return Err(format!(
@@ -148,7 +150,7 @@ impl UnitLayout {
                     c.mode,
                     match c.mode {
                         ChunkMode::Raw => format!("{} bytes", c.raw_len),
-                        ChunkMode::Grouped { .. } =>
+                        ChunkMode::Grouped { .. } | ChunkMode::Table { .. } =>
                             format!("1 to {} bytes", c.raw_len.saturating_sub(1)),
                     }
                 ));

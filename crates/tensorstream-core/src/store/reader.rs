@@ -170,4 +170,19 @@ impl Store {
         })?;
         Ok(u.layout(&self.path))
     }
+
+    /// Read layout of unit `i`'s stored (coded) bytes, verified without decoding them, for
+    /// a reader that decodes them itself; `None` for a raw unit or one written before
+    /// stored checksums (minor version 2). The chunk table in the
+    /// manifest ([`Manifest::units`]) says where each chunk lies in that buffer.
+    pub fn stored_layout(&self, i: usize) -> Result<Option<UnitLayout>> {
+        let u = self.manifest.units.get(i).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unit index {i} out of range ({} units in {})",
+                self.manifest.units.len(),
+                self.path.display()
+            ))
+        })?;
+        Ok(u.stored_layout(&self.path))
+    }
 }

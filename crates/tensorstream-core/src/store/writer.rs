@@ -10,7 +10,7 @@ use super::format::{
     FORMAT_MINOR_VERSION, FORMAT_VERSION, HEADER_LEN,
 };
 use super::{align_up, DType, BLOCK};
-use crate::codec::{ChunkMode, Encoder, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
+use crate::codec::{ChunkMode, CodeFamily, Encoder, CODEC_BYTEGROUP, CODEC_CHUNK, CODEC_RAW};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -60,10 +60,15 @@ struct CodedUnit {
     staging: Vec<u8>,
     /// Stored offset (relative to the unit) where the next chunk goes, a multiple of 4096.
     stored_pos: u64,
+    /// The checksum of the stored bytes so far (the unit's `stored_checksum`).
+    stored_hasher: ChunkedHasher,
+    /// Zeros after the last chunk written: stored bytes once another chunk follows it.
+    pending_pad: u64,
 }
 
 /// The writer's codec settings and one encoder per coding thread.
 struct Compression {
+    family: CodeFamily,
     encoders: Vec<Encoder>,
 }
 
@@ -164,11 +169,17 @@ impl StoreWriter {
         self.metadata.insert(key.to_string(), value.to_string());
     }
 
-    /// Code the units begun from now on with the `bytegroup` codec (zstd `level` for the planes zstd codes)
-    /// (1 to 22), on `threads` threads (0: the machine's cores, at most 8); or, with
-    /// `None`, store them raw. Records the choice in the metadata (`compression`,
+    /// Code the units begun from now on in coded chunks with `family`'s code (zstd `level`
+    /// for the planes zstd codes, 1 to 22; the table code records it and uses none), on
+    /// `threads` threads (0: the machine's cores, at most 8); or, with `None`, store them
+    /// raw. Records the choice in the metadata (`compression`: "none" or the family's name,
     /// `compression_level`).
-    pub fn set_compression(&mut self, level: Option<i32>, threads: usize) -> Result<()> {
+    pub fn set_compression(
+        &mut self,
+        level: Option<i32>,
+        threads: usize,
+        family: CodeFamily,
+    ) -> Result<()> {
         let Some(level) = level else {
             self.compression = None;
             self.metadata.insert("compression".into(), "none".into());
@@ -183,9 +194,9 @@ impl StoreWriter {
         let encoders = (0..threads)
             .map(|_| Encoder::new(level))
             .collect::<Result<Vec<_>>>()?;
-        self.compression = Some(Compression { encoders });
+        self.compression = Some(Compression { family, encoders });
         self.metadata
-            .insert("compression".into(), CODEC_BYTEGROUP.into());
+            .insert("compression".into(), family.name().into());
         self.metadata
             .insert("compression_level".into(), level.to_string());
         Ok(())
@@ -292,15 +303,18 @@ impl StoreWriter {
                 )
             })
             .collect();
+        let family = comp.family;
         let encoders = &mut comp.encoders[..pieces.len()];
         let modes: Vec<Result<Option<ChunkMode>>> = if pieces.len() == 1 {
-            vec![encoders[0].encode(pieces[0].0, pieces[0].1)]
+            vec![encoders[0].encode_with(family, pieces[0].0, pieces[0].1)]
         } else {
             std::thread::scope(|s| {
                 let handles: Vec<_> = encoders
                     .iter_mut()
                     .zip(&pieces)
-                    .map(|(enc, &(raw, width))| s.spawn(move || enc.encode(raw, width)))
+                    .map(|(enc, &(raw, width))| {
+                        s.spawn(move || enc.encode_with(family, raw, width))
+                    })
                     .collect();
                 handles
                     .into_iter()
@@ -313,6 +327,9 @@ impl StoreWriter {
                 Some(m) => (m, comp.encoders[k].coded()),
                 None => (ChunkMode::Raw, raw),
             };
+            let pending = std::mem::replace(&mut coded.pending_pad, 0);
+            coded.stored_hasher.update(&ZEROS[..pending as usize]);
+            coded.stored_hasher.update(bytes);
             let out = self.out.as_mut().expect("not finished");
             out.write_all(bytes)
                 .map_err(|e| Error::io(&self.tmp_path, "write", self.pos, bytes.len() as u64, e))?;
@@ -330,6 +347,7 @@ impl StoreWriter {
                 mode,
             });
             coded.stored_pos += bytes.len() as u64 + pad;
+            coded.pending_pad = pad;
         }
         coded.staging.clear();
         Ok(())
@@ -352,6 +370,8 @@ impl StoreWriter {
         let coded = self.compression.is_some().then(|| CodedUnit {
             staging: Vec::with_capacity(self.batch_bytes()),
             stored_pos: 0,
+            stored_hasher: ChunkedHasher::default(),
+            pending_pad: 0,
         });
         self.open_unit = Some(OpenUnit {
             record: UnitRecord {
@@ -368,6 +388,7 @@ impl StoreWriter {
                 checksum: String::new(),
                 tensors: Vec::new(),
                 chunks: Vec::new(),
+                stored_checksum: None,
             },
             hasher: ChunkedHasher::default(),
             raw_len: 0,
@@ -445,7 +466,10 @@ impl StoreWriter {
             self.flush_chunks()?;
         }
         let OpenUnit {
-            mut record, hasher, ..
+            mut record,
+            hasher,
+            coded,
+            ..
         } = self.open_unit.take().expect("checked above");
         record.checksum = format!("{:016x}", hasher.finish());
         if record.chunks.iter().all(|c| c.mode == ChunkMode::Raw) {
@@ -453,6 +477,8 @@ impl StoreWriter {
             // which is exactly a raw unit. Recording it as one keeps it mappable in place.
             record.codec = CODEC_RAW.into();
             record.chunks.clear();
+        } else if let Some(c) = coded {
+            record.stored_checksum = Some(format!("{:016x}", c.stored_hasher.finish()));
         }
         record.padded_length = align_up(record.stored_length(), BLOCK);
         let pad = align_up(self.pos, BLOCK) - self.pos;
