@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _core
 from .budget import streamed_subset
-from .config import Config
+from .config import BackendType, Config
 from .errors import (
     ConfigError,
     InvalidArgumentError,
@@ -59,10 +59,19 @@ def _clean_stale_temps(store_path: Path) -> None:
             os.close(fd)
 
 
+def store_code(config: Config, device: torch.device) -> str:
+    """The code a compressed store is written with: "table" (decoded on the GPU, so the
+    link carries coded bytes) when it is for a GPU, the model already on CUDA or the backend
+    asked being "cuda" or "gpudirect"; else "bytegroup" (smaller, decoded on the CPU)."""
+    gpu = device.type == "cuda" or config.backend in (BackendType.CUDA, BackendType.GPUDIRECT)
+    return "table" if gpu else "bytegroup"
+
+
 def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreSource:
     """Reuse the store under `config.storage_path` if it was written for this model, else
     write it. A store written for another model is refused unless `overwrite_store`. A
-    store of this model whose compression differs from the config's is rewritten."""
+    store of this model whose compression (code or level) differs from the config's is
+    rewritten."""
     root = Path(config.storage_path)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -75,6 +84,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
     _clean_stale_temps(path)
     fp = fingerprint(model, units)
     level = config.compression_level if config.compression_enabled else None
+    code = store_code(config, _model_device(model))
     if path.exists():
         try:
             store = _core.Store(str(path), fp)
@@ -85,7 +95,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
             on_disk = int(meta.get("compression_level", 0)) if compressed else None
             if not has_digests(store):
                 log.info("rewriting store %s: written before tensor digests, it cannot be checked", path)
-            elif on_disk == level:
+            elif on_disk == level and (level is None or meta.get("compression") == code):
                 source = StoreSource(store)  # checks the manifest against the fingerprint
                 log.info("reusing store %s", path)
                 return source
@@ -93,8 +103,10 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
                 log.info(
                     "rewriting store %s: it is %s, the config asks for %s",
                     path,
-                    "raw" if on_disk is None else f"compressed at level {on_disk}",
-                    "no compression" if level is None else f"compression at level {level}",
+                    "raw"
+                    if on_disk is None
+                    else f"compressed ({meta.get('compression')}) at level {on_disk}",
+                    "no compression" if level is None else f"compression ({code}) at level {level}",
                 )
         except StoreMismatchError as e:
             if not config.overwrite_store:
@@ -112,7 +124,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
                 )
                 raise
             log.warning("rebuilding store %s, which is damaged: %s", path, e)
-    write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level)
+    write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level, code=code)
     return StoreSource(_core.Store(str(path), fp))
 
 

@@ -291,13 +291,15 @@ def write_store(
     units: list,
     progress: bool = False,
     compression_level: Optional[int] = None,
+    code: str = "bytegroup",
 ) -> str:
     """Write the units' parameters to a new store at `path`, atomically: coded losslessly
-    with the ``bytegroup`` codec (zstd `compression_level` for the planes zstd codes), or
-    raw when it is None."""
+    in chunks with `code`'s code ("bytegroup": decoded on the CPU, zstd
+    `compression_level` for the planes zstd codes; "table": decoded on the GPU), or raw
+    when `compression_level` is None."""
     writer = _core.StoreWriter(path, fp)
     try:
-        writer.set_compression(compression_level)
+        writer.set_compression(compression_level, code=code)
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
         writer.set_metadata("writer", "tensorstream " + _core.__version__)
         it = units
