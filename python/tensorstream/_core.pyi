@@ -36,6 +36,17 @@ class UnitCodec(NamedTuple):
     stored_length: int
     chunks: int
 
+class ChunkEntry(NamedTuple):
+    """One coded chunk of a unit: its raw bytes at raw_offset in the unit's buffer, its
+    stored bytes at stored_offset in the unit's stored bytes (`Store.stored_layout`), and
+    its mode ("raw", "bg1".."bg8", "tb2", "tb4")."""
+
+    raw_offset: int
+    raw_len: int
+    stored_offset: int
+    stored_len: int
+    mode: str
+
 class CheckpointTensor(NamedTuple):
     """A tensor of a safetensors checkpoint, at its absolute offset in its file."""
 
@@ -77,10 +88,18 @@ class StoreWriter:
 
     def __init__(self, path: str, fingerprint: str) -> None: ...
     def set_metadata(self, key: str, value: str) -> None: ...
-    def set_compression(self, level: Optional[int], threads: int = 0) -> None: ...
+    def set_compression(self, level: Optional[int], threads: int = 0, code: str = "bytegroup") -> None:
+        """`code`: "bytegroup" (decoded on the CPU) or "table" (decodable on a GPU)."""
+        ...
     @staticmethod
     def codec_benchmark(
-        ptr: int, nbytes: int, width: int, level: int, threads: int, decode_threads: int
+        ptr: int,
+        nbytes: int,
+        width: int,
+        level: int,
+        threads: int,
+        decode_threads: list[int],
+        code: str = "bytegroup",
     ) -> dict[str, Any]: ...
     def set_fingerprint(self, fingerprint: str) -> None: ...
     def begin_unit(self, name: str) -> None: ...
@@ -111,6 +130,12 @@ class Store:
     def coded_units(self) -> int: ...
     def unit_index(self, name: str) -> Optional[int]: ...
     def layout(self, i: int) -> Layout: ...
+    def stored_layout(self, i: int) -> Optional[Layout]:
+        """Unit i's stored (coded) bytes as they lie in the file, verified against its
+        stored checksum, not decoded; None for a raw unit or one written before minor
+        version 2."""
+        ...
+    def chunks(self, i: int) -> list[ChunkEntry]: ...
     def manifest_fingerprint(self, model_class: str) -> str:
         """The fingerprint recomputed from the manifest (units, tensors, names, dtypes,
         shapes, digests) with `units.fingerprint`'s formula; StoreCorruptedError for a
@@ -174,5 +199,13 @@ class Planner:
     def stats(self) -> dict[str, Any]: ...
 
 def checksum(ptr: int, nbytes: int) -> int: ...
+def codec_encode(data: bytes, width: int, code: str = "bytegroup", level: int = 3) -> list[tuple[str, bytes]]:
+    """`data` coded in 4 MiB chunks as the writer codes them: (mode, stored bytes) each."""
+    ...
+
+def codec_decode(mode: str, stored: bytes, raw_len: int) -> bytes:
+    """One chunk decoded as the I/O workers decode it; StoreCorruptedError if it does not."""
+    ...
+
 def store_unit_buffer_len(tensor_nbytes: list[int]) -> int: ...
 def drop_page_cache(path: str) -> None: ...

@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
-use tensorstream_core::codec::{ChunkMode, Decoder, Encoder, CODEC_CHUNK};
+use tensorstream_core::codec::{ChunkMode, CodeFamily, Decoder, Encoder, CODEC_CHUNK};
 use tensorstream_core::io::{AlignedBuf, PreadBackend, ReadBackend};
 use tensorstream_core::store::{
     chunked_checksum, SafetensorsView, Store, UnitLayout, BLOCK, FORMAT_VERSION, MAGIC,
@@ -314,14 +314,16 @@ fn codec_decode_inputs_replay() {
         let ctx = what.display();
         match data[0] % 3 {
             0 if data.len() >= 5 => {
-                let mode = match data[1] % 7 {
+                let mode = match data[1] % 9 {
                     0 => ChunkMode::Raw,
                     1 => ChunkMode::Grouped { width: 1 },
                     2 => ChunkMode::Grouped { width: 2 },
                     3 => ChunkMode::Grouped { width: 4 },
                     4 => ChunkMode::Grouped { width: 8 },
                     5 => ChunkMode::Grouped { width: 3 },
-                    _ => ChunkMode::Grouped { width: data[1] },
+                    6 => ChunkMode::Grouped { width: data[1] },
+                    7 => ChunkMode::Table { width: 2 },
+                    _ => ChunkMode::Table { width: 4 },
                 };
                 let n = u32::from_le_bytes([data[2], data[3], data[4], 0]) as u64;
                 let len = if n % 256 != 1 {
@@ -343,7 +345,12 @@ fn codec_decode_inputs_replay() {
                 }
                 let raw = &data[skip..];
                 let width = [1u64, 2, 4, 8][(data[1] % 4) as usize];
-                let Some(mode) = enc.encode(raw, width).unwrap() else {
+                let family = if data[1] & 4 != 0 {
+                    CodeFamily::Table
+                } else {
+                    CodeFamily::Bytegroup
+                };
+                let Some(mode) = enc.encode_with(family, raw, width).unwrap() else {
                     continue;
                 };
                 let mut coded = enc.coded().to_vec();
