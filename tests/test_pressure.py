@@ -75,7 +75,11 @@ class Device:
 def _generate(model, ids, new_tokens=NEW_TOKENS):
     with torch.no_grad():
         return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
 
 
@@ -87,7 +91,11 @@ def test_the_budget_yields_when_free_memory_falls_mid_generation_and_grows_back(
     unit = unit_bytes(model)
     room = 2 * unit  # the headroom
     model = offload(
-        model, tmp_path, vram_budget_gb=budget_gb(model, LAYERS), backend=backend, memory_headroom_gb=room / GiB
+        model,
+        tmp_path,
+        vram_budget_gb=budget_gb(model, LAYERS),
+        backend=backend,
+        memory_headroom_gb=room / GiB,
     )
     rt = model._tensorstream
     events = []
@@ -189,7 +197,9 @@ def test_several_models_yield_to_one_signal(tmp_path):
     for m, (logits, _) in zip(models, refs):
         with torch.no_grad():
             assert torch.equal(m(ids).logits, logits)
-    dev = Device(a.budget_plan.resident + b.budget_plan.resident + a.budget_plan.units + b.budget_plan.units + 3 * room)
+    dev = Device(
+        a.budget_plan.resident + b.budget_plan.resident + a.budget_plan.units + b.budget_plan.units + 3 * room
+    )
     dev.runtimes += [a, b]
     ts.set_memory_probe(dev)
     events = []
@@ -349,7 +359,9 @@ def test_the_cpu_probe_reads_meminfo_and_the_cgroup_limit(monkeypatch):
 
 def test_the_headroom_follows_the_mode_unless_set(tmp_path):
     cap = 100 << 30
-    shares = [pressure.headroom(ts.Config(tmp_path, memory_pressure_mode=m), cap) for m in pressure.HEADROOM_SHARE]
+    shares = [
+        pressure.headroom(ts.Config(tmp_path, memory_pressure_mode=m), cap) for m in pressure.HEADROOM_SHARE
+    ]
     assert shares == sorted(shares, reverse=True), "conservative yields earliest, aggressive last"
     assert pressure.headroom(ts.Config(tmp_path, memory_headroom_gb=1.5), cap) == int(1.5 * GiB)
     with pytest.raises(ts.InvalidArgumentError):
@@ -381,7 +393,9 @@ def test_a_long_generation_whose_kv_cache_would_overflow_a_fixed_budget_complete
 
     model = small_llama_bf16(seed=0)
     budget = ts.estimate_model_memory(model) * 0.6
-    model = ts.offload(model, ts.Config(tmp_path, vram_budget_gb=budget / GiB, backend="cuda", host_cache_gb=0))
+    model = ts.offload(
+        model, ts.Config(tmp_path, vram_budget_gb=budget / GiB, backend="cuda", host_cache_gb=0)
+    )
     model.to("cuda")
     free, total = torch.cuda.mem_get_info()
     base = torch.cuda.memory_allocated()

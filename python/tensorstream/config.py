@@ -167,7 +167,9 @@ class Config:
 
 def _check_gb(cfg: Config, name: str) -> None:
     v = getattr(cfg, name)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")):
+    if v is not None and (
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
+    ):
         raise ConfigError(f"Config.{name}={v!r} must be a number of GB >= 0 or None")
 
 

@@ -238,11 +238,11 @@ class Runtime:
         retry could not give the un-offloaded model's answer: the unit runs inside another
         one (whose weights must stay), it changed its inputs before failing (a KV cache it
         had appended to), or TensorStream held nothing to release."""
+        if inputs is None:  # not a device whose out-of-memory errors are retried
+            raise error
         name = self.units[i].name
         held = self.held_bytes()
         why = None
-        if inputs is None:
-            raise error
         if self._units_running:
             why = "it runs inside another streamed unit, whose weights must stay"
         elif _state(args, kwargs) != inputs:
@@ -550,7 +550,8 @@ def _state(args, kwargs) -> list:
         elif type(getattr(obj, "layers", None)) is list and hasattr(obj, "get_seq_length"):
             # transformers' KV cache (the common case, made fast): each layer's tensors.
             for layer in obj.layers:
-                out.extend(version(t) for t in vars(layer).values() if isinstance(t, torch.Tensor))
+                attrs = getattr(layer, "__dict__", {}).values()
+                out.extend(version(t) for t in attrs if isinstance(t, torch.Tensor))
         elif isinstance(obj, (list, tuple)):
             out.append(len(obj))
             for x in obj:
@@ -569,6 +570,7 @@ def _state(args, kwargs) -> list:
 
 
 _ATOMS = frozenset((type(None), bool, int, float, str, torch.device, torch.dtype))
+
 
 def _after_fork_in_child() -> None:
     for rt in list(_RUNTIMES):
