@@ -19,3 +19,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpu_stream.py --workdir bench/out/gpu ${BENCH_ARGS:-} 2>&1 | grep -v "it/s]" | tee "$OUT/gpu_stream.log"
   echo "bench exit: $?"
 fi
+if [ "${SKIP_PRESSURE:-0}" != 1 ]; then
+  timeout "${PRESSURE_TIMEOUT:-240}" python3 bench/memory_pressure.py --gpu --workdir bench/out/pressure 2>&1 | grep -v "it/s]" | tee "$OUT/memory_pressure_gpu.log"
+  echo "pressure bench exit: $?"
+fi

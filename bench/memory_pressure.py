@@ -9,7 +9,14 @@ effective budget, what TensorStream held (its own accounting), and the lowest Me
 seen; then the memory pressure callback's events, and whether the tokens are those of the
 un-offloaded model. The anchor is that model, in memory, in the same run.
 
+With --gpu (on a device): the 7.0 GB bf16 Llama (hidden 4096, 16 layers) at
+`vram_budget_gb=3` on a GPU capped at --cap-gb for the process
+(`torch.cuda.set_per_process_memory_fraction`), prompt of --context tokens: with the budget
+fixed (no headroom, no retry) the KV cache pushes it out of memory; with memory pressure on
+it completes, with the tokens of the model fully on the GPU.
+
 Usage: python bench/memory_pressure.py [--workdir DIR] [--tokens 48] [--layers 8]
+       python bench/memory_pressure.py --gpu [--cap-gb 4] [--context 4096] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -108,6 +115,75 @@ def run(model, ids, tokens: int, args, backend: str) -> tuple:
     return out, phases, events, s, room, total
 
 
+def gpu(args) -> None:
+    from tensorstream import runtime
+
+    cfg = llama_config(hidden=4096, intermediate=11008, layers=16, heads=32)
+    ids = torch.randint(0, 32000, (1, args.context), generator=torch.Generator().manual_seed(1)).cuda()
+    print(f"machine: {machine()}", flush=True)
+    model = build_llama(cfg, torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        want = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens, do_sample=False
+        )
+    model = model.cpu()
+    torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    rows = []
+    for name, headroom, retry in (("fixed budget", 0.0, set()), ("memory pressure", None, {"cuda"})):
+        m = model if name == "memory pressure" else build_llama(cfg, torch.bfloat16)
+        m = ts.offload(
+            m, ts.Config(os.path.join(args.workdir, "gpu"), vram_budget_gb=3, memory_headroom_gb=headroom)
+        )
+        m.to("cuda")
+        events = []
+        ts.set_memory_pressure_callback(events.append)
+        runtime.OOM_RETRY_DEVICES = retry
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * GiB / total)
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                out = m.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens, do_sample=False
+                )
+            result = "yes" if torch.equal(out, want) else "NO"
+        except torch.OutOfMemoryError as e:
+            result = f"out of memory ({type(e).__name__})"
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        s = ts.get_model_statistics(m)
+        rows.append(
+            [
+                name,
+                result,
+                f"{time.perf_counter() - t0:.1f}",
+                f"{torch.cuda.max_memory_allocated() / GiB:.2f}",
+                f"{s['effective_budget_gb']:.2f} of {s['budget_gb']:.2f}",
+                s["oom_retries"],
+                " -> ".join([events[0].previous] + [ev.level for ev in events]) if events else "",
+            ]
+        )
+        m.to("cpu")
+        del m
+        gc.collect()
+        torch.cuda.empty_cache()
+    print_table(
+        f"7.0 GB bf16 Llama, vram_budget_gb=3, GPU capped at {args.cap_gb} GiB, {args.context}-token prompt, "
+        f"{args.tokens} new tokens",
+        [
+            "",
+            "completes with the reference's tokens",
+            "seconds",
+            "peak allocated GiB",
+            "effective budget GiB",
+            "OOM retries",
+            "pressure levels",
+        ],
+        rows,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=None)
@@ -117,8 +193,13 @@ def main() -> None:
     ap.add_argument("--leave", type=float, default=0.4, help="headrooms the other process leaves free")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--backends", default="auto,pread")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--cap-gb", type=float, default=4.0)
+    ap.add_argument("--context", type=int, default=4096)
     args = ap.parse_args()
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="ts-pressure-")
+    if args.gpu:
+        return gpu(args)
     cfg = llama_config(hidden=2048, intermediate=5504, layers=args.layers, heads=16)
     ids = torch.randint(0, 32000, (1, 8), generator=torch.Generator().manual_seed(1))
     print(f"machine: {machine()}; MemAvailable {available_ram() / GiB:.1f} GiB at the start", flush=True)
