@@ -1,9 +1,16 @@
-"""Lossless compression benchmark (issue 6), in one run:
+"""Lossless compression benchmark (issues 6 and 14), in one run:
 
-1. the codec on 1 GB of random-normal weights (std 0.02, like initialised weights) per
-   dtype, bf16, fp16 and fp32: the ratio, the compression GB/s on 1 and 2 threads, the
-   decode GB/s on 1 and 2 threads (raw bytes out per second, median of three passes,
-   bytes checked after each);
+1. both codes on 1 GB of random-normal weights (std 0.02, like initialised weights) per
+   dtype, bf16, fp16 and fp32: "bytegroup" (Huffman/zstd planes, decoded on the CPU) and
+   "table" (the GPU-decodable table code): the ratio, the compression GB/s on 1 and 2
+   threads, the Rust decode GB/s on 1 and 2 threads (raw bytes out per second, median of
+   three passes, bytes checked after each), and for the table code the torch reference
+   decoder (`tensorstream.gpucodec`) on CPU tensors over the first 256 MB (median of
+   three, bytes checked): the same operations the GPU runs;
+1b. both codes' ratios on the decoder blocks of seeded random Hugging Face models built
+   locally from a config (Llama, GPT-2; initialised in fp32, cast to each dtype). Random
+   initialisations are not trained weights: trained bf16 exponents spread a little wider,
+   so expect the table code's ratio a little lower on real checkpoints;
 2. end to end, with the disk as the bottleneck: a ~2 GB bf16 Llama-architecture model
    (hidden 2048, intermediate 5632, 16 layers, vocab 32000) offloaded at a small budget with
    backend "pread" (O_DIRECT), compression off and on; the cold forward time of a 16-token
@@ -35,7 +42,68 @@ sys.path.insert(0, HERE)
 LAYERS, HIDDEN, INTERMEDIATE = 16, 2048, 5632
 
 
-def codec_rows(gb: float, level: int) -> list:
+def torch_decode_gbps(raw, width: int, nbytes: int) -> float:
+    """GB/s of raw bytes out of `gpucodec.decode_unit` on CPU tensors, table code, the
+    first `nbytes` of the uint8 tensor `raw` (median of three, checked)."""
+    import torch
+
+    from tensorstream import _core, gpucodec
+
+    data = raw[:nbytes]
+    coded = _core.codec_encode(data.numpy().tobytes(), width, "table")
+    entries, image, at = [], bytearray(), 0
+    for k, (mode, stored) in enumerate(coded):
+        raw_len = min(4 << 20, nbytes - k * (4 << 20))
+        entries.append(_core.ChunkEntry(k * (4 << 20), raw_len, at, len(stored), mode))
+        image += stored + bytes(-len(stored) % 4096)
+        at = len(image)
+    src = torch.frombuffer(image, dtype=torch.uint8)
+    out = torch.empty(nbytes + 4096, dtype=torch.uint8)
+    unit = gpucodec.parse_unit(src, "bench", entries, max(out.numel(), len(image)))
+    secs = []
+    for _ in range(3):
+        out.fill_(0)
+        t0 = time.perf_counter()
+        gpucodec.decode_unit(unit, src, out, src_offset=0)
+        secs.append(time.perf_counter() - t0)
+        assert torch.equal(out[:nbytes], data), "torch decoder differs"
+    return nbytes / statistics.median_high(secs) / 1e9
+
+
+def model_rows(level: int) -> list:
+    """Both codes' ratios on the decoder blocks of seeded random HF models (fp32 init)."""
+    import torch
+    from _common import llama_config
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+    from tensorstream import _core
+
+    models = {
+        "Llama 2x2048 (random init)": lambda: LlamaForCausalLM(llama_config(2048, 5632, 2, 16)),
+        "GPT-2 4x1024 (random init)": lambda: GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=4, n_head=16)),
+    }
+    rows = []
+    for name, build in models.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        blocks = model.model.layers if hasattr(model, "model") else model.transformer.h
+        for dtype, width in ((torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)):
+            blob = torch.cat(
+                [p.detach().to(dtype).reshape(-1).view(torch.uint8) for p in blocks.parameters()]
+            )
+            ratios = []
+            for code in ("bytegroup", "table"):
+                r = _core.StoreWriter.codec_benchmark(
+                    blob.data_ptr(), blob.numel(), width, level, 2, [], code=code
+                )
+                ratios.append(blob.numel() / r["stored_bytes"])
+            rows.append([f"{name} blocks, {str(dtype).split('.')[-1]}", f"{blob.numel() / 1e9:.2f}", ratios])
+            print(f"model {rows[-1]}", file=sys.stderr, flush=True)
+        del model
+    return rows
+
+
+def codec_rows(gb: float, level: int, code: str) -> list:
     import torch
 
     from tensorstream import _core
@@ -55,7 +123,7 @@ def codec_rows(gb: float, level: int) -> list:
             # Decoding three times with each thread count, the median kept: single passes
             # vary by tens of percent on a shared VM.
             r = _core.StoreWriter.codec_benchmark(
-                t.data_ptr(), nbytes, width, level, threads, [1, 2] * 3 if threads == 1 else []
+                t.data_ptr(), nbytes, width, level, threads, [1, 2] * 3 if threads == 1 else [], code=code
             )
             res[f"enc{threads}"] = nbytes / r["encode_seconds"] / 1e9
             if threads == 1:
@@ -64,15 +132,18 @@ def codec_rows(gb: float, level: int) -> list:
                 for k in (1, 2):
                     secs = [s for n, s in r["decode_seconds"] if n == k]
                     res[f"dec{k}"] = nbytes / statistics.median_high(secs) / 1e9
+        torch_gbps = (
+            torch_decode_gbps(t.view(torch.uint8), width, min(nbytes, 256 << 20)) if code == "table" else None
+        )
         rows.append(
             [
-                str(dtype).split(".")[-1],
+                f"{code} {str(dtype).split('.')[-1]}",
                 f"{nbytes / 1e9:.2f}",
                 f"{res['ratio']:.3f}",
                 f"{res['enc1']:.2f}",
                 f"{res['enc2']:.2f}",
                 f"{res['dec1']:.2f}",
-                f"{res['dec2']:.2f}",
+                f"{res['dec2']:.2f}" + (f"; torch (CPU) {torch_gbps:.2f}" if torch_gbps else ""),
             ]
         )
         print(f"codec {rows[-1]} ({res['coded']} chunks coded)", file=sys.stderr, flush=True)
@@ -196,7 +267,8 @@ def main() -> None:
     own = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="ts-compression-")
     try:
-        rows = codec_rows(args.gb, args.level)
+        rows = codec_rows(args.gb, args.level, "bytegroup") + codec_rows(args.gb, args.level, "table")
+        models = model_rows(args.level)
         threads = [args.torch_threads] if args.torch_threads is not None else [1, 0]
         runs = [] if args.skip_e2e else [e2e(args, n) for n in threads]
     finally:
@@ -211,7 +283,11 @@ def main() -> None:
         "decode GB/s (1 thr)",
         "decode GB/s (2 thr)",
     ]
-    table = [[f"codec, random-normal {r[0]}"] + r[1:] for r in rows]
+    table = [[f"codec, random-normal, {r[0]}"] + r[1:] for r in rows]
+    table += [
+        [f"ratio on {name}", gb_, f"bytegroup {bg:.3f}, table {tb:.3f}", "", "", "", ""]
+        for name, gb_, (bg, tb) in models
+    ]
     for e in runs:
         off, on = e["off"], e["on"]
         same = off["identical"] and on["identical"]

@@ -130,3 +130,30 @@ def test_host_tier_disabled_streams_from_disk_through_the_staging_ring(tmp_path,
     assert s["bytes_read"] > sum(s["unit_bytes"][: s["units"]])
     assert s["pinned_host_bytes"] > 0  # the staging ring
     assert not s["fallbacks"], s["fallbacks"]
+
+
+def test_compressed_streaming_carries_coded_bytes_over_the_link_with_identical_outputs(
+    tmp_path, ids, reference
+):
+    # backend="cuda" makes offload() write the table code, which the GPU decodes.
+    model = _offloaded_on_gpu(tmp_path, backend="cuda", compression_enabled=True)
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = _generate(model, ids)
+    assert torch.equal(logits, reference["logits"])
+    assert torch.equal(tokens, reference["tokens"])
+    s = ts.get_model_statistics(model)
+    assert s["gpu_coded_units"] > 0
+    assert s["pcie_bytes"] * 1.25 < s["raw_bytes_delivered"], (s["pcie_bytes"], s["raw_bytes_delivered"])
+    assert s["gpu_decode_seconds"] > 0 and s["gpu_decode_gbps"] > 0
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def test_compressed_streaming_without_the_host_tier_reads_coded_bytes_from_disk(tmp_path, ids, reference):
+    model = _offloaded_on_gpu(tmp_path, backend="cuda", compression_enabled=True, host_cache_gb=0)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(ids).logits, reference["logits"])
+    s = ts.get_model_statistics(model)
+    assert s["gpu_coded_units"] > 0
+    assert s["bytes_read"] > 0 and s["pcie_bytes"] * 1.25 < s["raw_bytes_delivered"]
