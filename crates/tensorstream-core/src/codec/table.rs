@@ -234,6 +234,19 @@ pub fn decode(stored: &[u8], width: usize, dst: &mut [u8]) -> Result<(), String>
                 e[3] = table[(b >> 4) as usize];
             }
         }
+    } else if width == 2 {
+        // fp16: the `8 / s` elements that share a byte of low bits at a time.
+        let per = 8 / s as usize;
+        let shifted: [u8; TABLE_LEN] = std::array::from_fn(|k| table[k] << s);
+        for (g, group) in body.chunks_mut(2 * per).enumerate() {
+            let b = bits[g];
+            for (j, e) in group.chunks_exact_mut(2).enumerate() {
+                let i = g * per + j;
+                let idx = (indices[i / 2] >> ((i & 1) * 4)) & 15;
+                e[0] = low[i];
+                e[1] = shifted[idx as usize] | ((b >> (j * s as usize)) & mask);
+            }
+        }
     } else {
         for (i, (e, l)) in body
             .chunks_exact_mut(width)
