@@ -54,6 +54,7 @@ class Runtime:
     planner = None
     engine = None
     budget_plan: Optional[budget.BudgetPlan] = None
+    transfer_device: Optional[torch.device] = None  # the device configure() last streamed to
     _forked_paths = False  # a forked child reopens its files through /proc/self/fd
     _forked_cuda = False
     _in_pass = False  # the model's forward is running (units accessed now are part of a pass)
@@ -108,6 +109,9 @@ class Runtime:
         self.teardown()
         cfg = self.config
         self.budget_plan = self.check_budget()
+        if self.transfer_device != self.device:  # another device: another memory to yield to
+            self.pressure = pressure.Yielding()
+            self.transfer_device = self.device
         gds = None
         if self.device.type == "cuda" and cfg.backend == BackendType.GPUDIRECT:
             gds = probe_gds(self.source.files[0])
