@@ -1185,7 +1185,8 @@ fn hostile_table_chunks_are_errors_never_panics() {
     let set_u32 =
         |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
     let p0 = sec.positions;
-    let edits: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type ChunkEdit<'a> = Box<dyn Fn(&mut Vec<u8>) + 'a>;
+    let edits: Vec<(&str, ChunkEdit)> = vec![
         (
             "position out of range",
             Box::new(move |b| set_u32(b, p0, sec.n as u32)),
