@@ -67,12 +67,24 @@ def device_capacity(device: torch.device) -> int:
     return read_memory(device).capacity
 
 
+def kept_beside(model: nn.Module) -> int:
+    """Bytes kept resident beside the model's own modules and counted in its budget: the
+    draft given to ``offload(..., draft=)``, which runs on the same device."""
+    draft = model.__dict__.get("_tensorstream_draft")
+    return resident_bytes(draft, []) if draft is not None else 0
+
+
+def _draft_note(model: nn.Module) -> str:
+    beside = kept_beside(model)
+    return f" (the draft {beside} of them)" if beside else ""
+
+
 def room_for_units(model: nn.Module, units: list, sizes: list, budget: int, explicit: bool = True) -> int:
     """Bytes the planner may fill with `units` (of buffer sizes `sizes`) under `budget`: what
     the modules left resident leave, or room for every unit when an `explicit` budget holds
     the whole model and the buffers add only their alignment (a budget of the model's own
     size is never refused). :func:`plan` and :func:`streamed_subset` both decide with it."""
-    resident, streamed = resident_bytes(model, units), sum(u.nbytes for u in units)
+    resident, streamed = resident_bytes(model, units) + kept_beside(model), sum(u.nbytes for u in units)
     room = budget - resident
     padding = sum(sizes) - streamed
     alignment = sum(PAGE * (len(u.params) + 1) for u in units)  # what buffers add beyond the bytes
@@ -99,7 +111,7 @@ def plan(
     this process. A default budget is what the model needs at most (its own buffers), within
     what the device has free minus what the others were promised and do not hold yet; explicit
     budgets that add up past the device's memory warn (if `warn`: once per model)."""
-    resident = resident_bytes(model, units)
+    resident = resident_bytes(model, units) + kept_beside(model)
     unused = sum(max(b - held, 0) for b, held in others)
     if config.budget_bytes is not None:
         budget = config.budget_bytes
@@ -121,7 +133,7 @@ def plan(
         pmode = config.memory_pressure_mode.value
         raise BudgetError(
             f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {device}: the modules that "
-            f"are not streamed take {resident} bytes, leaving {unit_budget} for streamed units, but the "
+            f"are not streamed take {resident} bytes{_draft_note(model)}, leaving {unit_budget} for streamed units, but the "
             f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) holds up to "
             f"{need} bytes of units at once. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
             f"({resident + need} bytes), or stream more modules (Config.units)."

@@ -23,6 +23,7 @@ from torch import nn
 from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
+from .speculative import assisted_generate
 
 
 class _Forward:
@@ -60,6 +61,9 @@ class _RootApply:
 
     def __call__(self, fn, recurse: bool = True):
         _check_dtype_unchanged(self.runtime, fn)
+        draft = self.module.__dict__.get("_tensorstream_draft")
+        if draft is not None:
+            draft._apply(fn, recurse)  # the draft runs where the model runs
         return type(self.module)._apply(self.module, fn, recurse)
 
 
@@ -85,6 +89,13 @@ class _UnitApply(_RootApply):
                 for i in range(len(rt.units)):
                     rt.placement.unbind(i, rt.device)
         return self.module
+
+
+class _Generate(_Forward):
+    """``model.generate`` of a model offloaded with a draft: assisted by it."""
+
+    def __call__(self, *args, **kwargs):
+        return assisted_generate(self.runtime, self.orig, args, kwargs)
 
 
 class _Locked(_Forward):
@@ -164,6 +175,8 @@ def install(model: nn.Module, runtime: Runtime) -> None:
     model._apply = _RootApply(runtime, model)
     model.forward = _PassForward(runtime, model.forward)
     model.state_dict = _Locked(runtime, model.state_dict)
+    if runtime.draft is not None:
+        model.generate = _Generate(runtime, model.generate)
     model.load_state_dict = _CheckedLoad(runtime, model.load_state_dict)
     model._tensorstream = runtime
     trim_heap()

@@ -8,6 +8,7 @@ import glob
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .module import install
 from .placement import slot_sizes
 from .runtime import Runtime
 from .sources import StoreSource, has_digests
+from .speculative import check_draft
 from .units import analyse, fingerprint, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
@@ -128,12 +130,18 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
     return StoreSource(_core.Store(str(path), fp))
 
 
-def offload(model: nn.Module, config: Config) -> nn.Module:
+def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None) -> nn.Module:
     """Stream `model`'s blocks from disk within `config.vram_budget_gb`.
 
     Offloads in place and returns the same model. Its outputs stay bit-identical; the
     blocks' weights live in a store under `config.storage_path` and are made resident just
     before each block runs. Call ``model.to(device)`` afterwards to run on another device.
+
+    `draft`: a small model with the same tokenizer for speculative decoding. It stays
+    resident where the model runs (it moves with it) and counts in the budget; ``generate()``
+    is then assisted by it (unless the call names its own ``assistant_model``), with the
+    drafting knobs chosen for a streamed model. Greedy tokens are those of plain generation;
+    sampled ones those of the same assisted call on the un-offloaded model.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"offload() needs a torch.nn.Module, got {type(model).__name__}")
@@ -141,6 +149,8 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
         raise InvalidArgumentError(f"offload() needs a tensorstream.Config, got {type(config).__name__}")
     if getattr(model, "_tensorstream", None) is not None:
         raise TensorStreamError("this model is already offloaded; offload() it once")
+    if draft is not None:
+        check_draft(draft, model)
     units = analyse(model, config.units)
     if not units:
         raise InvalidArgumentError(
@@ -149,8 +159,14 @@ def offload(model: nn.Module, config: Config) -> nn.Module:
         )
     all_units = with_candidates(model, units)
     source = open_or_write_store(model, all_units, config)
-    units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config)
-    install(model, Runtime(model, units, source, config, _model_device(model)))
+    if draft is not None:
+        model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
+    try:
+        units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config)
+        install(model, Runtime(model, units, source, config, _model_device(model)))
+    except BaseException:
+        model.__dict__.pop("_tensorstream_draft", None)  # a refused model is left as it was
+        raise
     return model
 
 

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Optional
@@ -29,6 +30,7 @@ from .errors import OutOfMemoryError, TensorStreamError
 from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
+from .speculative import Speculation
 from .stats import Counters, MemoryPressureEvent, notify_pressure, statistics
 from .transfer import PATHS, Context, probe_gds, select_path
 from .units import ParamRef, UnitSpec
@@ -77,6 +79,7 @@ class Runtime:
         self._depth = 0
         self._units_running = 0
         self.pressure = pressure.Yielding()
+        self.speculation = Speculation()
         self.reads = Reads(self)
         self._pending = None  # a deep copy not yet resolved
         _RUNTIMES.add(self)
@@ -187,6 +190,7 @@ class Runtime:
         with self._lock:
             self._depth += 1
             outermost = self._depth == 1  # a model called from inside its own forward is one pass
+            t0 = time.perf_counter()
             try:
                 if outermost:
                     self._in_pass = True
@@ -199,6 +203,7 @@ class Runtime:
                 self._depth -= 1
                 if outermost:
                     self._in_pass = False
+                    self.counters.pass_seconds += time.perf_counter() - t0
 
     def run_unit(self, i: int, fn, args, kwargs):
         """Run unit `i`'s forward `fn` with its weights resident. An out-of-memory error in
@@ -453,6 +458,11 @@ class Runtime:
 
     def _track_peak(self) -> None:
         self.counters.peak_held = max(self.counters.peak_held, self.held_bytes())
+
+    @property
+    def draft(self) -> Optional[nn.Module]:
+        """The draft given to ``offload(..., draft=)``, or None."""
+        return self.model.__dict__.get("_tensorstream_draft")
 
     def held_bytes(self) -> int:
         """Bytes of streamed units held on the device now, loaded or in flight."""

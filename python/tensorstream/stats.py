@@ -71,6 +71,7 @@ class Counters:
     prefetch_hits: int = 0
     misses: int = 0
     stall_seconds: float = 0.0
+    pass_seconds: float = 0.0
     bytes_h2d: int = 0
     passes: int = 0
     errors: int = 0
@@ -146,6 +147,8 @@ def statistics(rt) -> dict:
         "planner": ps,
         "engine": es,
     }
+    if rt.draft is not None or rt.speculation.calls:
+        out["speculative"] = rt.speculation.as_dict()
     if tr is not None:
         out.update(tr.extra_stats())
     return out

@@ -1,0 +1,123 @@
+"""Speculative decoding with a draft given to offload(): generate() is assisted by it with
+tokens identical to the un-offloaded model running the same assisted call (greedy, and
+sampling with a seed), the draft counts in the budget, the drafting knobs chosen for a
+streamed target are set where transformers reads them and restored after, and the
+statistics count drafted and accepted tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GiB, budget_gb, input_ids, tiny_llama
+
+import tensorstream as ts
+from tensorstream import speculative
+
+LAYERS = 6
+NEW = 20
+
+
+def _generate(model, ids, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, pad_token_id=0, **kwargs
+        )
+
+
+def _offload_with_draft(tmp_path, draft, room_units=2, **kwargs):
+    model = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    budget = budget_gb(model, room_units) + ts.estimate_model_memory(draft) / GiB
+    cfg = ts.Config(tmp_path, vram_budget_gb=budget, backend="pread", **kwargs)
+    return ts.offload(model, cfg, draft=draft)
+
+
+@pytest.mark.parametrize("draft_seed", [3, 9], ids=["perfect draft", "another draft"])
+def test_greedy_tokens_are_those_of_plain_generation(tmp_path, draft_seed):
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    # The perfect draft: the target's own weights, in memory. The other: a smaller model.
+    draft = tiny_llama(tied=False, seed=draft_seed, layers=LAYERS if draft_seed == 3 else 2)
+    model = _offload_with_draft(tmp_path, draft)
+    for _ in range(2):  # the second call drafts as many tokens as the first measured
+        assert torch.equal(_generate(model, ids), want)
+    s = ts.get_model_statistics(model)["speculative"]
+    assert s["calls"] == 2 and s["new_tokens"] == 2 * NEW
+    assert s["accepted"] + s["rejected"] == s["drafted"] > 0
+    assert s["tokens_per_pass"] == s["new_tokens"] / s["verification_passes"]
+    if draft_seed == 3:
+        assert s["rejected"] == 0 and s["tokens_per_pass"] > 4, s
+    assert draft.generation_config.num_assistant_tokens is None, "the draft's own settings restored"
+
+
+def test_sampled_tokens_are_those_of_the_same_assisted_call_unoffloaded(tmp_path):
+    ids = input_ids()
+    draft = tiny_llama(tied=False, seed=9, layers=2)
+    model = _offload_with_draft(tmp_path, draft)
+    torch.manual_seed(5)
+    got = _generate(model, ids, do_sample=True, top_k=20)
+    k = ts.get_model_statistics(model)["speculative"]["drafted_per_pass"]
+
+    ref, ref_draft = tiny_llama(tied=False, seed=3, layers=LAYERS), tiny_llama(tied=False, seed=9, layers=2)
+    cfg = ref_draft.generation_config
+    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
+        k,
+        "constant",
+        0.0,
+    )
+    torch.manual_seed(5)
+    want = _generate(ref, ids, do_sample=True, top_k=20, assistant_model=ref_draft)
+    assert torch.equal(got, want)
+
+
+def test_the_draft_counts_in_the_budget(tmp_path):
+    draft = tiny_llama(tied=False, seed=9, layers=2)
+    model = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    without_draft = budget_gb(model, 2)
+    with pytest.raises(ts.BudgetError, match="the draft"):
+        ts.offload(model, ts.Config(tmp_path, vram_budget_gb=without_draft, backend="pread"), draft=draft)
+    assert "_tensorstream_draft" not in model.__dict__ and getattr(model, "_tensorstream", None) is None
+    model = _offload_with_draft(tmp_path, draft)
+    rt = model._tensorstream
+    assert rt.budget_plan.resident == ts.estimate_model_memory(draft) + ts.estimate_model_memory(model) - sum(
+        u.nbytes for u in rt.units
+    )
+    _generate(model, input_ids())
+    s = ts.get_model_statistics(model)
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+    assert not any(k.startswith("_tensorstream") for k in model.state_dict()), (
+        "the draft is not in the model's weights"
+    )
+
+
+def test_a_call_that_names_its_assistant_or_its_knobs_keeps_them(tmp_path):
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    draft = tiny_llama(tied=False, seed=9, layers=2)
+    model = _offload_with_draft(tmp_path, draft)
+    other = tiny_llama(tied=False, seed=3, layers=2)
+    other.generation_config.num_assistant_tokens = 3
+    assert torch.equal(_generate(model, ids, assistant_model=other), want)
+    s = ts.get_model_statistics(model)["speculative"]
+    assert s["drafted_per_pass"] == 3 and other.generation_config.num_assistant_tokens == 3
+    assert torch.equal(_generate(model, ids, num_assistant_tokens=5), want)
+    assert ts.get_model_statistics(model)["speculative"]["drafted_per_pass"] == 5
+
+
+def test_a_bad_draft_is_refused(tmp_path):
+    model = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    for bad, match in ((torch.nn.Linear(2, 2), "generate"), (model, "another model")):
+        with pytest.raises(ts.InvalidArgumentError, match=match):
+            ts.offload(model, ts.Config(tmp_path), draft=bad)
+
+
+def test_the_drafting_rule():
+    choose = speculative.choose_drafted
+    assert choose(0.5, 0.01, 1.0) == speculative.MAX_DRAFTED, "a perfect draft drafts the most"
+    assert choose(0.5, 0.01, 0.0) == 1, "a draft never accepted drafts one"
+    # A longer streamed pass makes each drafted token cheaper in comparison: more are drafted.
+    ks = [choose(p, 0.02, 0.8) for p in (0.01, 0.1, 1.0)]
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+    for a in (0.3, 0.7, 0.95):
+        for k in (1, 4, 9):
+            e = speculative.expected_tokens(k, a)
+            assert abs(speculative.acceptance_from(e, k) - a) < 1e-6
