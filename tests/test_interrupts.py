@@ -20,12 +20,14 @@ import torch
 from conftest import CPU_BACKENDS, budget_gb, input_ids, tiny_llama
 
 import tensorstream as ts
+from tensorstream import pressure
 
 PKG = Path(ts.__file__).resolve().parent
 TRACED = {
     str(PKG / f)
     for f in (
         "runtime.py",
+        "pressure.py",
         "module.py",
         "placement.py",
         "transfer/base.py",
@@ -77,7 +79,11 @@ def _accounting(model) -> tuple:
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("how", ["offload", "from_pretrained"])
-def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(tmp_path, backend, how):
+def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(
+    tmp_path, backend, how, monkeypatch
+):
+    # Memory pressure is probed at every unit, so its lines run (and are interrupted) each pass.
+    monkeypatch.setattr(pressure, "PROBE_INTERVAL", 0)
     ref = tiny_llama(tied=False, seed=3)
     cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 2.5), backend=backend)
     if how == "offload":

@@ -195,7 +195,10 @@ class Runtime:
                 if outermost:
                     self._in_pass = True
                     self._begin_pass()
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                if outermost:
+                    self._end_pass()
+                return out
             except BaseException:
                 self.recover()
                 raise
@@ -301,6 +304,17 @@ class Runtime:
         self._ran_outside = False
         self.planner.begin_pass()
         self.counters.passes += 1
+
+    def _end_pass(self) -> None:
+        """Until the next pass nothing runs (a draft drafts, the caller samples): the planner
+        prefetches the next pass's first units into the room the budget has."""
+        evict, prefetch = self.planner.end_pass()
+        for v in evict:
+            self._evict(v)
+        for v in prefetch:
+            self.transfer.load(v, demand=False)
+        self._track_peak()
+        self.transfer.prefetched(prefetch)
 
     def _relearn(self) -> None:
         """Units ran outside the model's forward before the first pass: the encoder that

@@ -268,6 +268,45 @@ impl ResidencyPlanner {
         self.in_use.iter_mut().for_each(|c| *c = 0);
     }
 
+    /// The forward pass ended, and nothing runs until the next one begins (a draft drafts,
+    /// the caller samples). With a learned order, and unless CONSERVATIVE (which keeps only
+    /// the kept set between passes), prefetch the next pass's first units into all the room
+    /// the budget has, not just the window: each may evict only units needed later than
+    /// itself (the tail of the pass that just ran), so the disk works while the model waits.
+    /// Returns the units to evict, then those to start loading, in order.
+    pub fn end_pass(&mut self) -> (Vec<u32>, Vec<u32>) {
+        let (mut evict, mut prefetch) = (Vec::new(), Vec::new());
+        let idle = self.in_use.iter().all(|&c| c == 0);
+        if self.cfg.strategy != Strategy::Adaptive
+            || self.cfg.mode == PressureMode::Conservative
+            || self.learned.is_none()
+            || !idle
+        {
+            return (evict, prefetch);
+        }
+        let Some(&last) = self.current_pass.last() else {
+            return (evict, prefetch);
+        };
+        let mut seen = vec![false; self.sizes.len()];
+        for v in self.upcoming(last) {
+            let vi = v as usize;
+            if std::mem::replace(&mut seen[vi], true) || self.state[vi] != State::Absent {
+                continue;
+            }
+            if self
+                .make_room(self.sizes[vi], v, false, &mut evict)
+                .is_none()
+            {
+                break;
+            }
+            self.state[vi] = State::Loading;
+            self.add_used(self.sizes[vi]);
+            self.stats.prefetches += 1;
+            prefetch.push(v);
+        }
+        (evict, prefetch)
+    }
+
     /// Fill the budget, minus the streaming window, with the most-used units.
     fn choose_kept(&mut self) {
         let Some(l) = &self.learned else { return };

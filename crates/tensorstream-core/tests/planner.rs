@@ -29,6 +29,8 @@ enum Op {
     BeginPassHolding,
     /// A load failed: forget the unit; the caller drops its holds on it.
     Forget(prop::sample::Index),
+    /// Release everything still held, then end the pass (prefetch into the idle budget).
+    EndPass,
     /// Evict everything.
     Reset,
     /// Memory pressure: set the budget to this fraction (in 1/8ths, up to twice) of the
@@ -44,6 +46,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::BeginPassHolding),
         1 => any::<prop::sample::Index>().prop_map(Op::Forget),
         1 => Just(Op::Reset),
+        1 => Just(Op::EndPass),
         1 => (0u8..=16).prop_map(Op::SetBudget),
     ]
 }
@@ -149,6 +152,25 @@ impl Caller {
         Ok(())
     }
 
+    fn end_pass(&mut self, p: &mut ResidencyPlanner) -> Result<(), TestCaseError> {
+        let (evict, prefetch) = p.end_pass();
+        for v in evict {
+            prop_assert!(
+                self.resident.remove(&v),
+                "end_pass evicted {} which was not resident",
+                v
+            );
+        }
+        for v in prefetch {
+            prop_assert!(
+                self.resident.insert(v),
+                "end_pass prefetched resident unit {}",
+                v
+            );
+        }
+        Ok(())
+    }
+
     fn check(&self, p: &ResidencyPlanner) -> Result<(), TestCaseError> {
         let s = p.stats();
         let resident = p.resident();
@@ -233,6 +255,13 @@ fn budget_is_never_exceeded_and_residency_is_trackable() {
                     c.held.clear();
                 }
                 Op::SetBudget(eighths) => c.set_budget(&mut p, budget * eighths as u64 / 8)?,
+                Op::EndPass => {
+                    while !c.held.is_empty() {
+                        let last = c.held.len() - 1;
+                        c.release_at(&mut p, last)?;
+                    }
+                    c.end_pass(&mut p)?;
+                }
             }
             c.check(&p)?;
         }
@@ -517,4 +546,56 @@ fn a_budget_shrinks_under_pressure_and_grows_back() {
     assert_eq!(p.kept().len(), 6);
     let (hits, accesses) = steady_state_hits(&mut p, n, 4);
     assert!(hits * n as u64 >= 6 * accesses, "{hits}/{accesses}");
+}
+
+/// Between passes nothing runs: end_pass fills the room the budget has (not just the window)
+/// with the next pass's first units, evicting the tail of the pass that ran, so the next
+/// pass starts with them loaded. CONSERVATIVE keeps only the kept set between passes.
+#[test]
+fn the_idle_budget_prefetches_the_next_pass_between_passes() {
+    const SIZE: u64 = 100;
+    // Two large units (an embedding, a head) size the window at 2 x 300 of a 650 budget:
+    // nothing is kept, and during a pass one unit is prefetched beside the running one.
+    let mut sizes = vec![SIZE; 8];
+    sizes[0] = 300;
+    sizes[7] = 300;
+    let mk = |mode| {
+        ResidencyPlanner::new(
+            sizes.clone(),
+            PlannerConfig {
+                budget: 650,
+                strategy: Plan::Adaptive,
+                mode,
+            },
+        )
+        .unwrap()
+    };
+    let mut p = mk(PressureMode::Balanced);
+    steady_state_hits(&mut p, 8, 3);
+    let (evict, prefetch) = p.end_pass();
+    let kept = p.kept();
+    assert!(!prefetch.is_empty());
+    assert!(prefetch.iter().all(|u| !evict.contains(u)));
+    assert!(p.stats().used <= 650);
+    // What is held beside the kept set is the head of the next pass's streamed units.
+    let order: Vec<u32> = (0..8).filter(|u| !kept.contains(u)).collect();
+    let held: Vec<u32> = p
+        .resident()
+        .into_iter()
+        .filter(|u| !kept.contains(u))
+        .collect();
+    assert_eq!(held, order[..held.len()], "the next pass's first units");
+    assert!(
+        held.iter().map(|&u| sizes[u as usize]).sum::<u64>() > 300,
+        "more than the prefetch window holds during a pass"
+    );
+    p.begin_pass();
+    for &u in &prefetch {
+        assert!(p.access(u).unwrap().prefetched);
+        p.release(u).unwrap();
+    }
+
+    let mut c = mk(PressureMode::Conservative);
+    steady_state_hits(&mut c, 8, 3);
+    assert_eq!(c.end_pass(), (vec![], vec![]));
 }

@@ -75,6 +75,12 @@ impl PyPlanner {
         self.inner.begin_pass();
     }
 
+    /// (evict, prefetch): the pass ended; prefetch the next one's first units into the room
+    /// the budget has while nothing runs.
+    fn end_pass(&mut self) -> (Vec<u32>, Vec<u32>) {
+        self.inner.end_pass()
+    }
+
     /// Access(hit, prefetched, load, evict, prefetch, pressure_evicted_bytes): what an
     /// access to `unit`, about to run, needs done.
     fn access<'py>(&mut self, py: Python<'py>, unit: u32) -> PyResult<Bound<'py, PyAny>> {
