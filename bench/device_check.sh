@@ -2,6 +2,10 @@
 # The prepared GPU check for the lent device machine: installs the abi3 wheel built here
 # (no network there), runs the GPU tests and the GPU benchmark, and leaves logs in $OUT.
 # Build first, here: make wheel   (writes dist/tensorstream-*.whl)
+# One device call runs at most 600 s: split the check in two calls, for example
+#   SKIP_PRESSURE=1 BENCH_TIMEOUT=400 bench/device_check.sh          (GPU tests, gpu_stream.py)
+#   SKIP_BENCH=1 TEST_PATHS=tests/test_pressure.py bench/device_check.sh   (memory pressure)
+# gpu_stream.py takes --skip-disk / --skip-compressed / --disk-tokens to shorten it.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ts-out}
