@@ -127,8 +127,9 @@ def assisted_generate(rt, generate, args, kwargs):
     """``model.generate`` of a model offloaded with a draft: assisted by it unless the call
     names its own assistant; the drafting knobs the user left unset are chosen for the
     streamed target for this call (then restored), and the call's passes are counted."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     draft = kwargs.get("assistant_model")
-    if draft is None:
+    if draft is None and _assistable(ids, kwargs):
         draft = kwargs["assistant_model"] = rt.draft
     if draft is None:
         return generate(*args, **kwargs)
@@ -150,7 +151,6 @@ def assisted_generate(rt, generate, args, kwargs):
         timing.remove()
         for name, v in saved.items():
             setattr(gcfg, name, v)
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if isinstance(ids, torch.Tensor) and isinstance(seqs, torch.Tensor):
         spec.calls += 1
@@ -161,6 +161,12 @@ def assisted_generate(rt, generate, args, kwargs):
         spec.draft_seconds += timing.seconds
         spec.drafted_per_pass = k
     return out
+
+
+def _assistable(ids, kwargs) -> bool:
+    """Whether transformers can assist this call: one sequence, no beam search."""
+    batch = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() > 1 else 1
+    return batch == 1 and kwargs.get("num_beams", 1) in (None, 1)
 
 
 class _DraftTiming:
