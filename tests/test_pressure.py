@@ -258,6 +258,11 @@ def _oom_once(module, calls: list, fail_at: set):
     module.forward = failing
 
 
+def _reference_logits(ids):
+    with torch.no_grad():
+        return tiny_llama(tied=False, seed=8, layers=LAYERS)(ids, use_cache=False).logits
+
+
 def _oom_model(tmp_path):
     model = tiny_llama(tied=False, seed=8, layers=LAYERS)
     return offload(model, tmp_path, vram_budget_gb=budget_gb(model, LAYERS), backend="pread")
@@ -265,9 +270,7 @@ def _oom_model(tmp_path):
 
 def test_out_of_memory_in_a_unit_is_retried_after_releasing_every_unit(tmp_path):
     ids = input_ids()
-    ref = tiny_llama(tied=False, seed=8, layers=LAYERS)
-    with torch.no_grad():
-        want = ref(ids, use_cache=False).logits
+    want = _reference_logits(ids)
     model = _oom_model(tmp_path)
     rt = model._tensorstream
     cap = 1 << 40  # free memory stays in the band where the ceiling neither shrinks nor grows
@@ -315,9 +318,7 @@ def test_out_of_memory_after_the_kv_cache_changed_is_refused_and_the_model_stays
 
 def test_out_of_memory_again_after_the_retry_raises_and_the_model_stays_usable(tmp_path):
     ids = input_ids()
-    ref = tiny_llama(tied=False, seed=8, layers=LAYERS)
-    with torch.no_grad():
-        want = ref(ids, use_cache=False).logits
+    want = _reference_logits(ids)
     model = _oom_model(tmp_path)
     calls: list = []
     with torch.no_grad():
