@@ -27,10 +27,6 @@ from .memory import available_ram, total_ram
 PROBE_INTERVAL = 0.01
 """Seconds between two probes of one device's free memory (tests set 0)."""
 
-LEVELS = ("none", "low", "high", "critical")
-"""Pressure levels: none (the budget as set), low (kept units yielded), high (the prefetch
-window yielded too), critical (down to one unit, and still short of the headroom)."""
-
 HEADROOM_SHARE = {"conservative": 0.10, "balanced": 0.05, "aggressive": 0.02}
 """Default headroom by memory pressure mode, as a share of the device's capacity:
 conservative yields early, aggressive keeps the most."""
@@ -150,8 +146,9 @@ def allowances(peers: list, reading: MemoryReading) -> Optional[list]:
 
 
 def level(allowance: int, plan: int, largest: int, window: int) -> str:
-    """The pressure level of a model allowed `allowance` bytes of units, planned `plan`,
-    whose largest unit takes `largest` and whose prefetch window needs `window`."""
+    """The pressure level (see :class:`tensorstream.MemoryPressureEvent`) of a model allowed
+    `allowance` bytes of units, planned `plan`, whose largest unit takes `largest` and whose
+    prefetch window needs `window`."""
     if allowance >= plan:
         return "none"
     if allowance < largest:
