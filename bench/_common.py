@@ -63,8 +63,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(model, ids: torch.Tensor, new_tokens: int):
-    """(tokens per second of generated tokens, output ids) for one greedy generate()."""
+def time_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs):
+    """(tokens per second of generated tokens, output ids) for one greedy generate();
+    `kwargs` go to generate()."""
     sync()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -74,6 +75,7 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int):
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
+            **kwargs,
         )
     sync()
     dt = time.perf_counter() - t0

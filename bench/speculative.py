@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from _common import build_llama, llama_config, machine, print_table  # noqa: E402
+from _common import build_llama, llama_config, machine, print_table, time_generate  # noqa: E402
 
 import tensorstream as ts  # noqa: E402
 
@@ -53,18 +53,9 @@ def read_bandwidth(model) -> float:
 
 
 def generate(model, ids, tokens: int, **kw):
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=tokens,
-            min_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-            **kw,
-        )
-    return out, time.perf_counter() - t0
+    """(output ids, seconds) of one greedy generate()."""
+    tps, out = time_generate(model, ids, tokens, pad_token_id=0, **kw)
+    return out, tokens / tps
 
 
 def main() -> None:

@@ -99,8 +99,9 @@ class Yielding:
 
     ceiling: Optional[int] = None
     """The units' budget now, when it yields (None: the budget as planned)."""
-    pending: Optional[int] = None
-    """A ceiling another thread decided while this model ran; applied at its next unit."""
+    pending: Optional[tuple] = None
+    """(allowance, reading) another thread decided while this model ran; applied at its
+    next unit."""
     level: str = "none"
     learned_headroom: int = 0
     """Bytes an out-of-memory error made the model give up beyond the headroom: later probes

@@ -311,10 +311,14 @@ class Runtime:
         evict, prefetch = self.planner.end_pass()
         for v in evict:
             self._evict(v)
-        for v in prefetch:
+        self._prefetch(prefetch)
+
+    def _prefetch(self, units: list) -> None:
+        """Start loading `units` in the background, in order."""
+        for v in units:
             self.transfer.load(v, demand=False)
         self._track_peak()
-        self.transfer.prefetched(prefetch)
+        self.transfer.prefetched(units)
 
     def _relearn(self) -> None:
         """Units ran outside the model's forward before the first pass: the encoder that
@@ -359,10 +363,7 @@ class Runtime:
         tr = self.transfer
         if acc.load:
             tr.load(i, demand=True)
-        for v in acc.prefetch:
-            tr.load(v, demand=False)
-        self._track_peak()
-        tr.prefetched(acc.prefetch)
+        self._prefetch(acc.prefetch)
         bind = tr.ready(i)
         if bind is None:
             self.placement.set_bound(i, True)
@@ -443,7 +444,7 @@ class Runtime:
         plan = self.budget_plan.units
         ceiling = None if allowance >= plan else allowance
         evicted = list(evicted)
-        if self.planner is not None and ceiling != p.ceiling:
+        if ceiling != p.ceiling:
             p.ceiling = ceiling
             dropped, _ = self.planner.set_budget(plan if ceiling is None else ceiling)
             for v in dropped:
@@ -459,7 +460,7 @@ class Runtime:
                 previous=p.level,
                 model=type(self.model).__name__,
                 free_bytes=reading.free,
-                budget_bytes=self.budget_plan.resident + (self.planner.budget if self.planner else plan),
+                budget_bytes=self.budget_plan.resident + self.planner.budget,
                 requested_budget_bytes=self.budget_plan.budget,
                 evicted=evicted,
                 mode=self.config.memory_pressure_mode.value,
