@@ -82,6 +82,10 @@ class Layout:
     @property
     def tensors(self) -> list[TensorEntry]: ...
     def without_checksum(self) -> Layout: ...
+    def select(self, ranges: list[tuple[int, int]]) -> Layout:
+        """Read only these (offset, length) ranges of the buffer, to where they lie in it,
+        without checksum; ValueError where a range is coded or outside the unit's bytes."""
+        ...
 
 class StoreWriter:
     """Writes a store atomically (temporary file, fsync, rename)."""

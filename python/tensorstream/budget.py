@@ -9,7 +9,7 @@ planner's own (`_core.Planner.min_budget`: the largest units the window holds at
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -18,8 +18,9 @@ from torch import nn
 from . import _core
 from .config import Config
 from .errors import BudgetError, InvalidArgumentError
+from .experts import expert_units, streams_experts
 from .pressure import read_memory
-from .units import UnitSpec, resident_bytes
+from .units import resident_bytes
 
 GiB = 1 << 30
 PAGE = 4096
@@ -35,6 +36,8 @@ class BudgetPlan:
     """Bytes of the modules that are not streamed."""
     units: int
     """Bytes the planner may fill with streamed units (resident units and reads in flight)."""
+    experts: int = 0
+    """Bytes the expert cache may fill with single experts (:mod:`tensorstream.experts`)."""
 
 
 def default_budget(device: torch.device) -> int:
@@ -55,6 +58,15 @@ def window_bytes(sizes: list, config: Config) -> int:
     return _core.Planner.min_budget(
         list(sizes), config.prefetch_strategy.value, config.memory_pressure_mode.value
     )
+
+
+def planner_sizes(units: list, sizes: list, device: torch.device) -> list:
+    """The unit sizes the planner streams: on a device where experts units stream expert by
+    expert, the expert cache holds them and the planner sees them as 0 bytes."""
+    if not streams_experts(device):
+        return list(sizes)
+    apart = set(expert_units(units))
+    return [0 if i in apart else s for i, s in enumerate(sizes)]
 
 
 def model_bytes(model: nn.Module, units: list) -> int:
@@ -126,19 +138,30 @@ def plan(
     else:
         budget = min(max(default_budget(device) - unused, 0), resident + sum(sizes))
     unit_budget = room_for_units(model, units, sizes, budget, explicit=config.budget_bytes is not None)
-    need = window_bytes(sizes, config)
+    dense = planner_sizes(units, sizes, device)
+    experts = max((s for s, d in zip(sizes, dense) if s != d), default=0)  # one experts unit at once
+    window = window_bytes(dense, config)
+    need = window + experts
     if unit_budget < need:
         largest = max(sizes) if sizes else 0
         strategy = config.prefetch_strategy.value
         pmode = config.memory_pressure_mode.value
+        held = f"{window} bytes of units at once"
+        if experts:
+            held += f", and the expert cache holds a layer's experts ({experts} bytes, a prefill may route to all)"
         raise BudgetError(
             f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {device}: the modules that "
             f"are not streamed take {resident} bytes{_draft_note(model)}, leaving {unit_budget} for streamed units, but the "
             f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) holds up to "
-            f"{need} bytes of units at once. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
+            f"{held}. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
             f"({resident + need} bytes), or stream more modules (Config.units)."
         )
-    return BudgetPlan(budget=budget, resident=resident, units=unit_budget)
+    if not experts:
+        return BudgetPlan(budget=budget, resident=resident, units=unit_budget)
+    # The dense units are used by every token, an expert by a few: the planner gets room to
+    # keep every dense unit first, the expert cache the rest.
+    planner = max(window, min(sum(dense), unit_budget - experts))
+    return BudgetPlan(budget=budget, resident=resident, units=planner, experts=unit_budget - planner)
 
 
 def fits(model: nn.Module, units: list, sizes: dict, config: Config) -> bool:
@@ -162,4 +185,4 @@ def streamed_subset(model: nn.Module, units: list, candidates: list, sizes: dict
         if fits(model, chosen, sizes, config):
             break
         chosen.append(spec)
-    return [UnitSpec(index=i, name=u.name, modules=u.modules, params=u.params) for i, u in enumerate(chosen)]
+    return [replace(u, index=i) for i, u in enumerate(chosen)]

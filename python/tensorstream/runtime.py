@@ -27,6 +27,7 @@ from torch import nn
 from . import _core, budget, pressure
 from .config import BackendType
 from .errors import OutOfMemoryError, TensorStreamError
+from .experts import ExpertCache
 from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
@@ -55,6 +56,7 @@ class Runtime:
     transfer = None
     planner = None
     engine = None
+    experts: Optional[ExpertCache] = None  # experts units streamed expert by expert (CPU paths)
     budget_plan: Optional[budget.BudgetPlan] = None
     transfer_device: Optional[torch.device] = None  # the device configure() last streamed to
     _forked_paths = False  # a forked child reopens its files through /proc/self/fd
@@ -141,12 +143,15 @@ class Runtime:
             fallback=self.fallback,
         )
         self.transfer = PATHS[choice.kind](ctx)
+        if self.budget_plan.experts:
+            self.experts = ExpertCache(self, self.budget_plan.experts)
         log.debug("configured %s: %s", choice.kind, self.budget_plan)
 
     def _new_planner(self):
         cfg = self.config
         planner = _core.Planner(
-            self.sizes, self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
+            budget.planner_sizes(self.units, self.sizes, self.device),
+            self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
         )
         if self.pressure.ceiling is not None:
             planner.set_budget(self.pressure.ceiling)
@@ -169,11 +174,14 @@ class Runtime:
 
     def teardown(self) -> None:
         """Drop every loaded unit and buffer (device change, reconfiguration)."""
+        if self.experts is not None:
+            self.experts.close()
         if self.transfer is not None:
             self.transfer.close()
             for i in range(len(self.units)):
                 self.placement.unbind(i, self.device)
         self.transfer = None
+        self.experts = None
         self.planner = None
         self.engine = None
         self.reads.clear()
@@ -236,6 +244,10 @@ class Runtime:
     def _attempt(self, i: int, fn, args, kwargs):
         self._units_running += 1
         try:
+            self.ensure_configured()
+            if self._cached(i):
+                self._check_unit(i)
+                return self.experts.run(i, fn, args, kwargs)
             self._enter_unit(i)
             with self.reads.saved_tensor_guard():
                 out = fn(*args, **kwargs)
@@ -315,6 +327,7 @@ class Runtime:
 
     def _prefetch(self, units: list) -> None:
         """Start loading `units` in the background, in order."""
+        units = [v for v in units if not self._cached(v)]
         for v in units:
             self.transfer.load(v, demand=False)
         self._track_peak()
@@ -343,14 +356,17 @@ class Runtime:
                     "(peft LoRA works)."
                 )
 
-    def _enter_unit(self, i: int) -> None:
-        self.ensure_configured()
-        self._respond_to_pressure()
-        if not self._in_pass:
-            self._ran_outside = True
+    def _check_unit(self, i: int) -> None:
+        """Refuse a unit whose parameters were replaced, or that this forward would train."""
         self.placement.check_same_objects(i)
         if torch.is_grad_enabled():
             self._check_frozen(i)
+
+    def _enter_unit(self, i: int) -> None:
+        self._respond_to_pressure()
+        if not self._in_pass:
+            self._ran_outside = True
+        self._check_unit(i)
         c = self.counters
         acc = self.planner.access(i)
         c.accesses += 1
@@ -378,7 +394,14 @@ class Runtime:
         for v in self.planner.release(i):
             self._evict(v)
 
+    def _cached(self, i: int) -> bool:
+        """Whether unit `i` is an experts unit the expert cache streams (the planner sees it
+        as 0 bytes and never loads or evicts it)."""
+        return self.experts is not None and i in self.experts.units
+
     def _evict(self, i: int) -> None:
+        if self._cached(i):
+            return
         if not self.transfer.zero_copy:
             self.placement.unbind(i, self.device)
         self.transfer.evict(i)
@@ -392,6 +415,8 @@ class Runtime:
 
     def _drop_all(self) -> None:
         """Cancel every read, drop every unit and reset the planner (its learned order kept)."""
+        if self.experts is not None:
+            self.experts.reset()
         if self.transfer is not None:
             self.transfer.reset()
             for i in range(len(self.units)):
@@ -460,7 +485,7 @@ class Runtime:
                 previous=p.level,
                 model=type(self.model).__name__,
                 free_bytes=reading.free,
-                budget_bytes=self.budget_plan.resident + self.planner.budget,
+                budget_bytes=self.budget_plan.resident + self.budget_plan.experts + self.planner.budget,
                 requested_budget_bytes=self.budget_plan.budget,
                 evicted=evicted,
                 mode=self.config.memory_pressure_mode.value,
@@ -481,7 +506,8 @@ class Runtime:
 
     def held_bytes(self) -> int:
         """Bytes of streamed units held on the device now, loaded or in flight."""
-        return self.transfer.held_bytes() if self.transfer else 0
+        held = self.transfer.held_bytes() if self.transfer else 0
+        return held + (self.experts.held_bytes() if self.experts else 0)
 
     def statistics(self) -> dict:
         with self._lock:
@@ -547,6 +573,10 @@ class Runtime:
         if self.transfer is not None:
             _FORK_LEFTOVERS.extend(self.transfer.abandon())
             _FORK_LEFTOVERS.append(self.transfer)
+        if self.experts is not None:
+            _FORK_LEFTOVERS.extend(self.experts.abandon())
+            _FORK_LEFTOVERS.append(self.experts)
+            self.experts = None
         _FORK_LEFTOVERS.extend(self._engines.values())
         self._engines = {}
         self.transfer = None

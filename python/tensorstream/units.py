@@ -189,7 +189,15 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
 
     A parameter is streamed by a unit only if nothing outside that unit uses it (tied or
     shared parameters stay resident), so streaming never changes what other modules see.
+
+    By default (no `unit_names`) a block's mixture-of-experts modules (see
+    :func:`tensorstream.experts.is_experts`) are units of their own, streamed expert by
+    expert, right after their block's unit, and their routers stay resident (a router is
+    tiny and predicts the next layer's experts, :mod:`tensorstream.experts`). Naming the
+    blocks in `unit_names` streams them whole.
     """
+    from .experts import experts_and_routers
+
     modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners = _owners(model)
@@ -198,9 +206,16 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
         if id(m) in seen_modules:
             continue  # the same block listed twice (called twice per forward) is one unit
         seen_modules.add(id(m))
+        split = [] if unit_names else experts_and_routers(m)
+        apart = {id(p) for e, router in split for mod in (e, router) if mod is not None for p in mod.parameters()}
         spec = _unit_of([m], names.get(id(m), type(m).__name__), owners, names)
+        spec.params = [p for p in spec.params if id(p.get()) not in apart]
         if spec.params:
             units.append(spec)
+        for e, _router in split:
+            expert_spec = _unit_of([e], names[id(e)], owners, names)
+            if expert_spec.params:
+                units.append(expert_spec)
     for i, u in enumerate(units):
         u.index = i
     return units

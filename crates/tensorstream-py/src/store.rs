@@ -70,6 +70,18 @@ impl PyLayout {
         inner.checksum = None;
         PyLayout { inner }
     }
+    /// The layout that reads only the byte ranges `ranges` ((offset, length) of the
+    /// buffer) to where they lie in it, without checksum (checksums cover whole units);
+    /// ValueError where a range is coded or lies outside the unit's bytes.
+    fn select(&self, ranges: Vec<(u64, u64)>) -> PyResult<PyLayout> {
+        match self.inner.select(&ranges) {
+            Some(inner) => Ok(PyLayout { inner }),
+            None => Err(PyValueError::new_err(format!(
+                "{}: the ranges {ranges:?} are not all stored raw within the unit",
+                self.inner.name
+            ))),
+        }
+    }
 }
 
 fn parse_dtype(s: &str) -> PyResult<DType> {

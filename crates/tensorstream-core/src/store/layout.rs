@@ -103,6 +103,53 @@ impl UnitLayout {
         self.chunks.iter().any(|c| c.mode != ChunkMode::Raw)
     }
 
+    /// The layout that reads only the byte ranges `ranges` (offset, length) of the
+    /// destination buffer, each to where it lies in the whole unit: an expert's slices of a
+    /// fused expert tensor. Checksums cover whole units, so it carries none. None when
+    /// part of a range is coded (a coded chunk decodes only whole) or lies outside the
+    /// unit's bytes.
+    pub fn select(&self, ranges: &[(u64, u64)]) -> Option<UnitLayout> {
+        let raw_chunks = self.chunks.iter().filter(|c| c.mode == ChunkMode::Raw);
+        let pieces: Vec<Extent> = self
+            .extents
+            .iter()
+            .cloned()
+            .chain(raw_chunks.map(|c| Extent {
+                file: c.file,
+                file_offset: c.file_offset,
+                len: c.raw_len,
+                dest_offset: c.dest_offset,
+            }))
+            .collect();
+        let mut extents = Vec::new();
+        for &(offset, len) in ranges {
+            let end = offset.checked_add(len)?;
+            let mut covered = 0;
+            for p in &pieces {
+                let lo = offset.max(p.dest_offset);
+                let hi = end.min(p.dest_offset + p.len);
+                if lo < hi {
+                    extents.push(Extent {
+                        file: p.file,
+                        file_offset: p.file_offset + (lo - p.dest_offset),
+                        len: hi - lo,
+                        dest_offset: lo,
+                    });
+                    covered += hi - lo;
+                }
+            }
+            if covered != len {
+                return None;
+            }
+        }
+        Some(UnitLayout {
+            extents,
+            chunks: Vec::new(),
+            checksum: None,
+            ..self.clone()
+        })
+    }
+
     /// Check that the engine can fill a buffer of [`buffer_len`](Self::buffer_len) bytes
     /// from this layout without writing outside it or racing with itself; returns the reason when it cannot.
     /// The engine checks every layout submitted to it, and [`Store::open`](super::Store::open)
@@ -239,6 +286,33 @@ mod tests {
                 covered: len,
             }),
         }
+    }
+
+    #[test]
+    fn select_reads_only_the_ranges() {
+        let raw = UnitLayout {
+            extents: vec![Extent {
+                file: 0,
+                file_offset: 4096,
+                len: 10_000,
+                dest_offset: 0,
+            }],
+            chunks: vec![],
+            buffer_len: 12_288,
+            checksum: None,
+            ..coded()
+        };
+        let sel = raw.select(&[(100, 50), (9_000, 1_000)]).unwrap();
+        assert_eq!(sel.bytes_to_read(), 1_050);
+        assert_eq!(sel.extents[0].file_offset, 4196);
+        assert_eq!(sel.extents[1].dest_offset, 9_000);
+        assert!(sel.checksum.is_none());
+        sel.validate().unwrap();
+        assert!(raw.select(&[(9_990, 20)]).is_none(), "past the unit's bytes");
+        // A coded chunk decodes whole: no range of it can be read alone; a raw chunk can.
+        assert!(coded().select(&[(0, 10)]).is_none());
+        let tail = coded().select(&[(MIB4 + 10, 20)]).unwrap();
+        assert_eq!(tail.extents[0].file_offset, MIB4 + 4096 + 10);
     }
 
     #[test]
