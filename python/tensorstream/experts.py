@@ -108,6 +108,16 @@ def _span(offset: int, nbytes: int) -> tuple:
     return lo, hi - lo
 
 
+def _selectable(layout, ranges: list) -> bool:
+    """Whether each expert can be read alone: its slices are stored raw."""
+    try:
+        for r in ranges:
+            layout.select(r)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
 class _Unit:
     """One experts unit's state in the cache."""
@@ -141,7 +151,9 @@ class ExpertCache:
         self.units: dict = {}
         self.order = expert_units(rt.units)
         self.buffers: dict = {}
-        self.stats = dict(calls=0, hits=0, prefetch_hits=0, misses=0, bytes_read=0, predicted=0, predicted_hits=0)
+        self.stats = dict(
+            calls=0, hits=0, prefetch_hits=0, misses=0, prefetched=0, bytes_read=0, predicted=0, predicted_hits=0
+        )
         self.tokens = 0
         for i in self.order:
             u = rt.units[i]
@@ -161,7 +173,7 @@ class ExpertCache:
                 cost=cost,
                 router=parent_router,
                 top_k=int(getattr(parent_router, "top_k", 0) or getattr(getattr(mod, "config", None), "num_experts_per_tok", 0) or 0),
-                selectable=not rt.layouts[i].coded,
+                selectable=_selectable(rt.layouts[i], ranges),
                 counts=[0.0] * n,
                 last_used=[0] * n,
             )
@@ -190,10 +202,8 @@ class ExpertCache:
         """Bytes of experts held now, resident or in flight."""
         total = 0
         for u in self.units.values():
-            if u.whole is not None:
-                total += self.rt.sizes[u.index]
-            else:
-                total += u.cost * len(u.resident | set(u.tickets))
+            size = self.rt.sizes[u.index]
+            total += size if u.whole is not None else min(size, u.cost * len(u.resident | set(u.tickets)))
         return total
 
     def _evict_expert(self, u: _Unit, e: int) -> None:
@@ -266,11 +276,13 @@ class ExpertCache:
         return self.engine.submit(layout, ptr, self.rt.sizes[u.index], demand, keep)
 
     def _load_whole(self, u: _Unit) -> None:
-        """The unit's first read: all of it, with its checksum."""
+        """Read all of the unit: its first read (with its checksum), and every read of a unit
+        whose experts cannot be read alone (coded)."""
         for e in list(u.resident | set(u.tickets)):
             self._evict_expert(u, e)
         self._room(self.rt.sizes[u.index], {(u.index, e) for e in range(u.experts)})
-        u.whole = self._submit(self.rt.layouts[u.index], u, demand=True)
+        layout = self.rt.layouts[u.index]
+        u.whole = self._submit(layout.without_checksum() if u.verified else layout, u, demand=True)
         self.rt._track_peak()
         self._wait(u.whole)
         u.whole = None
@@ -288,6 +300,7 @@ class ExpertCache:
                 self._room(u.cost, keep)
             layout = self.rt.layouts[u.index].select(u.ranges[e])
             u.tickets[e] = self._submit(layout, u, demand)
+            self.stats["prefetched"] += not demand
         self.rt._track_peak()
 
     def _wait(self, ticket) -> None:
@@ -320,7 +333,7 @@ class ExpertCache:
             s["predicted_hits"] += len(u.predicted.intersection(needed))
             u.predicted = None
         keep = {(i, e) for e in needed}
-        if not u.verified:
+        if not u.verified or (not u.selectable and not u.resident.issuperset(needed)):
             s["misses"] += len(needed)
             self._load_whole(u)
         else:
@@ -426,6 +439,7 @@ class ExpertCache:
         return {
             "units": len(self.units),
             "experts_per_unit": max((u.experts for u in self.units.values()), default=0),
+            "expert_bytes": max((u.cost for u in self.units.values()), default=0),
             "resident_experts": resident,
             "share_bytes": self.share,
             "held_bytes": self.held_bytes(),
@@ -434,6 +448,7 @@ class ExpertCache:
             "hits": s["hits"],
             "prefetch_hits": s["prefetch_hits"],
             "misses": s["misses"],
+            "prefetched": s["prefetched"],
             "hit_rate": (s["hits"] + s["prefetch_hits"]) / demanded if demanded else 0.0,
             "bytes_read": s["bytes_read"],
             "prediction_hit_rate": s["predicted_hits"] / s["predicted"] if s["predicted"] else 0.0,

@@ -1,0 +1,170 @@
+"""Expert-granular streaming of mixture-of-experts models (tensorstream.experts): outputs
+`torch.equal` to the un-offloaded model for every MoE family, budget and batch size; only the
+routed experts read, counted by the engine; the budget held; whole blocks when named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+from test_families import FAMILIES, _build
+
+import tensorstream as ts
+
+transformers = pytest.importorskip("transformers")
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "phimoe", "granitemoe", "jamba"]
+
+
+def _reference(model, ids: torch.Tensor, new_tokens: int = 5) -> tuple:
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return logits, tokens
+
+
+def _ids(batch: int, length: int = 7, seed: int = 2) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _offload(model, path, share: float, **kw):
+    size = ts.estimate_model_memory(model)
+    return ts.offload(model, ts.Config(storage_path=path, vram_budget_gb=share * size / 2**30, **kw))
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_moe_family_streams_experts_bit_identically(tmp_path, name, backend):
+    model, _ = _build(name)
+    want = {b: _reference(model, _ids(b)) for b in (1, 3)}
+    om = _offload(model, tmp_path, 0.45, backend=backend)
+    for b in (1, 3):
+        logits, tokens = _reference(om, _ids(b))
+        assert torch.equal(logits, want[b][0]), (name, b)
+        assert torch.equal(tokens, want[b][1]), (name, b)
+    s = ts.get_model_statistics(om)
+    ex = s["experts"]
+    assert ex is not None and ex["units"] >= 1 and ex["calls"] > 0
+    assert ex["hits"] + ex["prefetch_hits"] > 0, "the cache never served an expert"
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def _qwen3_moe(experts: int = 16, layers: int = 4, impl=None):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=experts, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    if impl:
+        cfg._experts_implementation = impl
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("share", [0.3, 0.6, 1.0])
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager", "batched_mm"])
+def test_budgets_and_experts_implementations(tmp_path, share, impl):
+    model = _qwen3_moe(impl=impl)
+    ids = _ids(2, 9)
+    want = _reference(model, ids, 8)
+    om = _offload(model, tmp_path, share, backend="pread")
+    got = _reference(om, ids, 8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    # A budget of the model's own size may take the buffers' page alignment on top.
+    assert s["peak_usage_bytes"] <= (s["budget_bytes"] if share < 1 else s["effective_budget_bytes"])
+    assert s["experts"]["held_bytes"] <= s["experts"]["share_bytes"]
+
+
+def test_a_decoded_token_reads_only_its_routed_experts(tmp_path):
+    """Per decoded token at most top-2 of 16 experts per layer on demand, plus what lookahead
+    prefetched; from the engine's own byte counts, far below reading the layers whole."""
+    layers, top_k = 4, 2
+    model = _qwen3_moe(layers=layers)
+    om = _offload(model, tmp_path, 0.3, backend="pread")
+    ids = _ids(1, 8)
+    with torch.no_grad():
+        out = om(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(6):
+            s0 = ts.get_model_statistics(om)
+            out = om(nxt, cache=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            s1 = ts.get_model_statistics(om)
+            e0, e1 = s0["experts"], s1["experts"]
+            demand = e1["misses"] - e0["misses"]
+            prefetched = e1["prefetched"] - e0["prefetched"]
+            assert demand <= top_k * layers
+            assert e1["bytes_read"] - e0["bytes_read"] <= (demand + prefetched) * e1["expert_bytes"]
+            # The engine's count: the experts' reads, and each dense unit at most once a pass.
+            dense = sum(b for b, u in zip(s1["unit_bytes"], om._tensorstream.units) if not u.name.endswith("experts"))
+            assert s1["bytes_read"] - s0["bytes_read"] <= (e1["bytes_read"] - e0["bytes_read"]) + dense
+            whole = layers * 16 * e1["expert_bytes"]
+            assert e1["bytes_read"] - e0["bytes_read"] <= whole / 2
+            assert s1["peak_usage_bytes"] <= s1["budget_bytes"]
+    assert e1["prediction_hit_rate"] > 0
+
+
+def test_naming_the_decoder_layer_streams_blocks_whole(tmp_path):
+    model = _qwen3_moe()
+    ids = _ids(1, 8)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.5, backend="pread", units=["Qwen3MoeDecoderLayer"])
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    assert s["experts"] is None and s["units"] == 4 + 2  # the layers, the embedding and the head
+
+
+def test_state_dict_and_save_read_every_expert(tmp_path):
+    model = _qwen3_moe()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    om = _offload(model, tmp_path / "s", 0.3, backend="pread")
+    with torch.no_grad():
+        om(_ids(1))
+    got = om.state_dict()
+    assert want.keys() == got.keys()
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_an_exception_inside_the_experts_leaves_nothing_held(tmp_path):
+    model = _qwen3_moe()
+    ids = _ids(1)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.3, backend="pread")
+    experts = om.model.layers[2].mlp.experts
+
+    def boom(*_a):
+        raise KeyboardInterrupt
+
+    h = experts.register_forward_pre_hook(boom)
+    with pytest.raises(KeyboardInterrupt):
+        with torch.no_grad():
+            om(ids)
+    assert ts.get_model_statistics(om)["experts"]["held_bytes"] == 0
+    h.remove()
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_compressed_store_reads_experts_units_whole(tmp_path):
+    """Coded chunks decode only whole: the experts of a compressed store are read a unit at a
+    time, and the answer is the same."""
+    model = _qwen3_moe()
+    ids = _ids(1)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.6, backend="pread", compression_enabled=True)
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_budget_below_one_layers_experts_is_refused_with_the_numbers(tmp_path):
+    model = _qwen3_moe()
+    with pytest.raises(ts.BudgetError, match="expert cache holds a layer's experts"):
+        _offload(model, tmp_path, 0.1, backend="pread")
