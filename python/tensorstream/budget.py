@@ -18,7 +18,7 @@ from torch import nn
 from . import _core
 from .config import Config
 from .errors import BudgetError, InvalidArgumentError
-from .experts import expert_units, streams_experts
+from .sparse import is_rows, share_bounds, sparse_units, streams_sparse
 from .pressure import read_memory
 from .units import resident_bytes
 
@@ -36,8 +36,8 @@ class BudgetPlan:
     """Bytes of the modules that are not streamed."""
     units: int
     """Bytes the planner may fill with streamed units (resident units and reads in flight)."""
-    experts: int = 0
-    """Bytes the expert cache may fill with single experts (:mod:`tensorstream.experts`)."""
+    sparse: int = 0
+    """Bytes the sparse cache may fill with slices of sparse units (:mod:`tensorstream.sparse`)."""
 
 
 def default_budget(device: torch.device) -> int:
@@ -60,13 +60,20 @@ def window_bytes(sizes: list, config: Config) -> int:
     )
 
 
-def planner_sizes(units: list, sizes: list, device: torch.device) -> list:
-    """The unit sizes the planner streams: on a device where experts units stream expert by
-    expert, the expert cache holds them and the planner sees them as 0 bytes."""
-    if not streams_experts(device):
+def planner_sizes(units: list, sizes: list, config: Config, device: Optional[torch.device]) -> list:
+    """The unit sizes the planner streams: on a device where sparse units stream slice by
+    slice, the sparse cache holds them and the planner sees them as 0 bytes."""
+    if device is None or not streams_sparse(device):
         return list(sizes)
-    apart = set(expert_units(units))
+    apart = set(sparse_units(units, config.sparse_embeddings))
     return [0 if i in apart else s for i, s in enumerate(sizes)]
+
+
+def needs(units: list, sizes: list, config: Config, device: Optional[torch.device]) -> tuple:
+    """(bytes the streaming window holds at once, bytes the sparse cache needs at least)."""
+    dense = planner_sizes(units, sizes, config, device)
+    sparse = share_bounds(units, sizes, config.sparse_embeddings)[0] if dense != list(sizes) else 0
+    return window_bytes(dense, config), sparse
 
 
 def model_bytes(model: nn.Module, units: list) -> int:
@@ -138,17 +145,15 @@ def plan(
     else:
         budget = min(max(default_budget(device) - unused, 0), resident + sum(sizes))
     unit_budget = room_for_units(model, units, sizes, budget, explicit=config.budget_bytes is not None)
-    dense = planner_sizes(units, sizes, device)
-    experts = max((s for s, d in zip(sizes, dense) if s != d), default=0)  # one experts unit at once
-    window = window_bytes(dense, config)
-    need = window + experts
+    window, sparse = needs(units, sizes, config, device)
+    need = window + sparse
     if unit_budget < need:
         largest = max(sizes) if sizes else 0
         strategy = config.prefetch_strategy.value
         pmode = config.memory_pressure_mode.value
         held = f"{window} bytes of units at once"
-        if experts:
-            held += f", and the expert cache holds a layer's experts ({experts} bytes, a prefill may route to all)"
+        if sparse:
+            held += f", and the sparse cache at least {sparse} bytes (a layer's experts: a prefill may route to all)"
         raise BudgetError(
             f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {device}: the modules that "
             f"are not streamed take {resident} bytes{_draft_note(model)}, leaving {unit_budget} for streamed units, but the "
@@ -156,33 +161,50 @@ def plan(
             f"{held}. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
             f"({resident + need} bytes), or stream more modules (Config.units)."
         )
-    if not experts:
+    if not sparse:
         return BudgetPlan(budget=budget, resident=resident, units=unit_budget)
-    # The dense units are used by every token, an expert by a few: the planner gets room to
-    # keep every dense unit first, the expert cache the rest.
-    planner = max(window, min(sum(dense), unit_budget - experts))
-    return BudgetPlan(budget=budget, resident=resident, units=planner, experts=unit_budget - planner)
+    # A dense unit is used by every token, a slice by a few: the planner gets room to keep
+    # every dense unit first, the sparse cache the rest (what it asks for at least).
+    dense = sum(planner_sizes(units, sizes, config, device))
+    wanted = max(sparse, share_bounds(units, sizes, config.sparse_embeddings)[1])
+    planner = max(window, min(dense, unit_budget - wanted))
+    return BudgetPlan(budget=budget, resident=resident, units=planner, sparse=unit_budget - planner)
 
 
-def fits(model: nn.Module, units: list, sizes: dict, config: Config) -> bool:
-    """Whether streaming `units` (`sizes`: buffer bytes by unit name) fits the config's
-    explicit budget beside the modules left resident, as :func:`plan` decides; True without
-    an explicit budget."""
+def fits(
+    model: nn.Module, units: list, sizes: dict, config: Config, device: Optional[torch.device] = None
+) -> bool:
+    """Whether streaming `units` (`sizes`: buffer bytes by unit name) to `device` fits the
+    config's explicit budget beside the modules left resident, as :func:`plan` decides; True
+    without an explicit budget."""
     budget: Optional[int] = config.budget_bytes
     if budget is None:
         return True
     us_sizes = [sizes[u.name] for u in units]
-    return room_for_units(model, units, us_sizes, budget) >= window_bytes(us_sizes, config)
+    return room_for_units(model, units, us_sizes, budget) >= sum(needs(units, us_sizes, config, device))
 
 
-def streamed_subset(model: nn.Module, units: list, candidates: list, sizes: dict, config: Config) -> list:
-    """The units to stream: `units`, plus as few `candidates` (largest first) as it takes for
-    the modules left resident to fit the budget beside the streaming window, decided as
-    :func:`plan` decides. `sizes` maps a unit's name to its buffer size. Returns fresh
-    UnitSpecs indexed from 0."""
+def streamed_subset(
+    model: nn.Module,
+    units: list,
+    candidates: list,
+    sizes: dict,
+    config: Config,
+    device: Optional[torch.device] = None,
+) -> list:
+    """The units to stream to `device`: `units`, plus as few `candidates` (largest first) as
+    it takes for the modules left resident to fit the budget beside the streaming window,
+    decided as :func:`plan` decides. `sizes` maps a unit's name to its buffer size. With
+    ``Config.sparse_embeddings``, where sparse units stream slice by slice (the CPU), an
+    untied input embedding always streams, a row block at a time (:mod:`tensorstream.sparse`).
+    Returns fresh UnitSpecs indexed from 0."""
     chosen = list(units)
+    if config.sparse_embeddings and device is not None and streams_sparse(device):
+        chosen += [c for c in candidates if is_rows(c)]
     for spec in candidates:
-        if fits(model, chosen, sizes, config):
+        if spec in chosen:
+            continue
+        if fits(model, chosen, sizes, config, device):
             break
         chosen.append(spec)
     return [replace(u, index=i) for i, u in enumerate(chosen)]

@@ -111,6 +111,10 @@ class Config:
     """File name of the store under storage_path (default: the model's class name)."""
     chunk_mb: int = 8
     """I/O request size in MiB (a multiple of 4)."""
+    sparse_embeddings: bool = False
+    """On the CPU paths, stream an untied input embedding a block of rows at a time, reading
+    only the rows of the tokens a forward looks up, so that its budget goes to the layers
+    (:mod:`tensorstream.sparse`). Off: it stays resident unless the budget cannot hold it."""
     memory_headroom_gb: Optional[float] = None
     """Free memory on the device below which the budget yields (memory pressure): the
     planner gives up kept units, then prefetch, until one and a half headrooms are free, and
@@ -140,7 +144,7 @@ class Config:
         self.memory_pressure_mode = _coerce(
             MemoryPressureMode, self.memory_pressure_mode, "memory_pressure_mode"
         )
-        for name in ("compression_enabled", "debug_mode", "overwrite_store"):
+        for name in ("compression_enabled", "debug_mode", "overwrite_store", "sparse_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r} must be True or False")
         _check_int(self, "compression_level", 1, 9)

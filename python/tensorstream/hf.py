@@ -238,7 +238,8 @@ def from_pretrained(
     _map_units_to_checkpoint(model, units, found)
     candidates = with_candidates(model, units)[len(units) :]
     store_path = store or _find_store(config, model, ckpt, units)
-    if not store_path and not _in_place_fits(model, units, candidates, found, ckpt, config):
+    target = torch.device(device if device is not None else "cpu")
+    if not store_path and not _in_place_fits(model, units, candidates, found, ckpt, config, target):
         store_path = _convert(
             path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
         )
@@ -251,7 +252,7 @@ def from_pretrained(
     else:
         source = ckpt.source
         candidates = _mappable(model, candidates, found)
-    units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config)
+    units = streamed_subset(model, units, candidates, unit_sizes(units + candidates, source), config, target)
     streamed = {id(p.get()) for u in units for p in u.params}
     _load_resident(model, ckpt, streamed, found)
     # Streamed parameters leave the meta device for placeholders of their final shape; a tied
@@ -299,7 +300,7 @@ def _checkpoint_id(ckpt: _Checkpoint) -> str:
 
 
 def _in_place_fits(
-    model, units: list, candidates: list, found: dict, ckpt: _Checkpoint, config: Config
+    model, units: list, candidates: list, found: dict, ckpt: _Checkpoint, config: Config, device: torch.device
 ) -> bool:
     """Whether the layers can stream from the checkpoint where they lie: every streamed
     parameter is one safetensors tensor as stored, in its dtype, and the budget holds the
@@ -315,10 +316,11 @@ def _in_place_fits(
         return False
     mappable = _mappable(model, candidates, found)
     in_place = unit_sizes(units + mappable, ckpt.source)
-    if fits(model, streamed_subset(model, units, mappable, in_place, config), in_place, config):
+    if fits(model, streamed_subset(model, units, mappable, in_place, config, device), in_place, config, device):
         return True
     stored = {u.name: _core.store_unit_buffer_len([_nbytes(p) for p in u.params]) for u in units + candidates}
-    return not fits(model, streamed_subset(model, units, candidates, stored, config), stored, config)
+    chosen = streamed_subset(model, units, candidates, stored, config, device)
+    return not fits(model, chosen, stored, config, device)
 
 
 def _nbytes(p) -> int:

@@ -162,8 +162,9 @@ def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None)
     if draft is not None:
         model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
     try:
-        units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config)
-        install(model, Runtime(model, units, source, config, _model_device(model)))
+        device = _model_device(model)
+        units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config, device)
+        install(model, Runtime(model, units, source, config, device))
     except BaseException:
         model.__dict__.pop("_tensorstream_draft", None)  # a refused model is left as it was
         raise

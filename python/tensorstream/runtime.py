@@ -27,7 +27,7 @@ from torch import nn
 from . import _core, budget, pressure
 from .config import BackendType
 from .errors import OutOfMemoryError, TensorStreamError
-from .experts import ExpertCache
+from .sparse import SparseCache
 from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
@@ -56,7 +56,7 @@ class Runtime:
     transfer = None
     planner = None
     engine = None
-    experts: Optional[ExpertCache] = None  # experts units streamed expert by expert (CPU paths)
+    sparse: Optional[SparseCache] = None  # units streamed slice by slice (CPU paths)
     budget_plan: Optional[budget.BudgetPlan] = None
     transfer_device: Optional[torch.device] = None  # the device configure() last streamed to
     _forked_paths = False  # a forked child reopens its files through /proc/self/fd
@@ -143,14 +143,14 @@ class Runtime:
             fallback=self.fallback,
         )
         self.transfer = PATHS[choice.kind](ctx)
-        if self.budget_plan.experts:
-            self.experts = ExpertCache(self, self.budget_plan.experts)
+        if self.budget_plan.sparse:
+            self.sparse = SparseCache(self, self.budget_plan.sparse)
         log.debug("configured %s: %s", choice.kind, self.budget_plan)
 
     def _new_planner(self):
         cfg = self.config
         planner = _core.Planner(
-            budget.planner_sizes(self.units, self.sizes, self.device),
+            budget.planner_sizes(self.units, self.sizes, self.config, self.device),
             self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
         )
         if self.pressure.ceiling is not None:
@@ -174,14 +174,14 @@ class Runtime:
 
     def teardown(self) -> None:
         """Drop every loaded unit and buffer (device change, reconfiguration)."""
-        if self.experts is not None:
-            self.experts.close()
+        if self.sparse is not None:
+            self.sparse.close()
         if self.transfer is not None:
             self.transfer.close()
             for i in range(len(self.units)):
                 self.placement.unbind(i, self.device)
         self.transfer = None
-        self.experts = None
+        self.sparse = None
         self.planner = None
         self.engine = None
         self.reads.clear()
@@ -247,7 +247,7 @@ class Runtime:
             self.ensure_configured()
             if self._cached(i):
                 self._check_unit(i)
-                return self.experts.run(i, fn, args, kwargs)
+                return self.sparse.run(i, fn, args, kwargs)
             self._enter_unit(i)
             with self.reads.saved_tensor_guard():
                 out = fn(*args, **kwargs)
@@ -395,9 +395,9 @@ class Runtime:
             self._evict(v)
 
     def _cached(self, i: int) -> bool:
-        """Whether unit `i` is an experts unit the expert cache streams (the planner sees it
-        as 0 bytes and never loads or evicts it)."""
-        return self.experts is not None and i in self.experts.units
+        """Whether unit `i` is a sparse unit the sparse cache streams (the planner sees it as
+        0 bytes and never loads or evicts it)."""
+        return self.sparse is not None and i in self.sparse.units
 
     def _evict(self, i: int) -> None:
         if self._cached(i):
@@ -415,8 +415,8 @@ class Runtime:
 
     def _drop_all(self) -> None:
         """Cancel every read, drop every unit and reset the planner (its learned order kept)."""
-        if self.experts is not None:
-            self.experts.reset()
+        if self.sparse is not None:
+            self.sparse.reset()
         if self.transfer is not None:
             self.transfer.reset()
             for i in range(len(self.units)):
@@ -485,7 +485,7 @@ class Runtime:
                 previous=p.level,
                 model=type(self.model).__name__,
                 free_bytes=reading.free,
-                budget_bytes=self.budget_plan.resident + self.budget_plan.experts + self.planner.budget,
+                budget_bytes=self.budget_plan.resident + self.budget_plan.sparse + self.planner.budget,
                 requested_budget_bytes=self.budget_plan.budget,
                 evicted=evicted,
                 mode=self.config.memory_pressure_mode.value,
@@ -507,7 +507,7 @@ class Runtime:
     def held_bytes(self) -> int:
         """Bytes of streamed units held on the device now, loaded or in flight."""
         held = self.transfer.held_bytes() if self.transfer else 0
-        return held + (self.experts.held_bytes() if self.experts else 0)
+        return held + (self.sparse.held_bytes() if self.sparse else 0)
 
     def statistics(self) -> dict:
         with self._lock:
@@ -573,10 +573,10 @@ class Runtime:
         if self.transfer is not None:
             _FORK_LEFTOVERS.extend(self.transfer.abandon())
             _FORK_LEFTOVERS.append(self.transfer)
-        if self.experts is not None:
-            _FORK_LEFTOVERS.extend(self.experts.abandon())
-            _FORK_LEFTOVERS.append(self.experts)
-            self.experts = None
+        if self.sparse is not None:
+            _FORK_LEFTOVERS.extend(self.sparse.abandon())
+            _FORK_LEFTOVERS.append(self.sparse)
+            self.sparse = None
         _FORK_LEFTOVERS.extend(self._engines.values())
         self._engines = {}
         self.transfer = None

@@ -94,7 +94,7 @@ def statistics(rt) -> dict:
     plan = rt.budget_plan
     budget = plan.budget if plan else 0
     resident_bytes = plan.resident if plan else 0
-    effective = resident_bytes + plan.experts + rt.planner.budget if rt.planner else budget
+    effective = resident_bytes + plan.sparse + rt.planner.budget if rt.planner else budget
     pr = rt.pressure
     source = rt.source
     out = {
@@ -137,7 +137,8 @@ def statistics(rt) -> dict:
         "forward_passes": c.passes,
         "errors": c.errors,
         "buffered_fallback_bytes": es.get("buffered_fallback_bytes", 0),
-        "experts": rt.experts.statistics() if rt.experts else None,
+        "experts": rt.sparse.statistics("experts") if rt.sparse else None,
+        "embedding": rt.sparse.statistics("embedding") if rt.sparse else None,
         "store_path": source.path,
         "source": source.kind,
         "compression_ratio": getattr(source, "compression_ratio", 1.0),

@@ -191,12 +191,12 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
     shared parameters stay resident), so streaming never changes what other modules see.
 
     By default (no `unit_names`) a block's mixture-of-experts modules (see
-    :func:`tensorstream.experts.is_experts`) are units of their own, streamed expert by
+    :func:`tensorstream.sparse.is_experts`) are units of their own, streamed expert by
     expert, right after their block's unit, and their routers stay resident (a router is
-    tiny and predicts the next layer's experts, :mod:`tensorstream.experts`). Naming the
+    tiny and predicts the next layer's experts, :mod:`tensorstream.sparse`). Naming the
     blocks in `unit_names` streams them whole.
     """
-    from .experts import experts_and_routers
+    from .sparse import experts_and_routers
 
     modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}

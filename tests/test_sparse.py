@@ -1,6 +1,7 @@
-"""Expert-granular streaming of mixture-of-experts models (tensorstream.experts): outputs
-`torch.equal` to the un-offloaded model for every MoE family, budget and batch size; only the
-routed experts read, counted by the engine; the budget held; whole blocks when named."""
+"""Sparse units (tensorstream.sparse): mixture-of-experts models streamed expert by expert
+and embeddings a block of rows at a time. Outputs `torch.equal` to the un-offloaded model for
+every MoE family, budget and batch size; only the routed experts and the tokens' rows read,
+counted by the engine; the budget held; whole blocks when named."""
 
 from __future__ import annotations
 
@@ -100,11 +101,11 @@ def test_a_decoded_token_reads_only_its_routed_experts(tmp_path):
             demand = e1["misses"] - e0["misses"]
             prefetched = e1["prefetched"] - e0["prefetched"]
             assert demand <= top_k * layers
-            assert e1["bytes_read"] - e0["bytes_read"] <= (demand + prefetched) * e1["expert_bytes"]
+            assert e1["bytes_read"] - e0["bytes_read"] <= (demand + prefetched) * e1["slice_bytes"]
             # The engine's count: the experts' reads, and each dense unit at most once a pass.
             dense = sum(b for b, u in zip(s1["unit_bytes"], om._tensorstream.units) if not u.name.endswith("experts"))
             assert s1["bytes_read"] - s0["bytes_read"] <= (e1["bytes_read"] - e0["bytes_read"]) + dense
-            whole = layers * 16 * e1["expert_bytes"]
+            whole = layers * 16 * e1["slice_bytes"]
             assert e1["bytes_read"] - e0["bytes_read"] <= whole / 2
             assert s1["peak_usage_bytes"] <= s1["budget_bytes"]
     assert e1["prediction_hit_rate"] > 0
@@ -114,11 +115,12 @@ def test_naming_the_decoder_layer_streams_blocks_whole(tmp_path):
     model = _qwen3_moe()
     ids = _ids(1, 8)
     want = _reference(model, ids)
-    om = _offload(model, tmp_path, 0.5, backend="pread", units=["Qwen3MoeDecoderLayer"])
+    om = _offload(model, tmp_path, 0.6, backend="pread", units=["Qwen3MoeDecoderLayer"])
     got = _reference(om, ids)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     s = ts.get_model_statistics(om)
-    assert s["experts"] is None and s["units"] == 4 + 2  # the layers, the embedding and the head
+    assert s["experts"] is None
+    assert [u.name for u in om._tensorstream.units][:4] == [f"model.layers.{k}" for k in range(4)]
 
 
 def test_state_dict_and_save_read_every_expert(tmp_path):
@@ -166,5 +168,84 @@ def test_a_compressed_store_reads_experts_units_whole(tmp_path):
 
 def test_a_budget_below_one_layers_experts_is_refused_with_the_numbers(tmp_path):
     model = _qwen3_moe()
-    with pytest.raises(ts.BudgetError, match="expert cache holds a layer's experts"):
+    with pytest.raises(ts.BudgetError, match=r"sparse cache at least \d+ bytes \(a layer's experts"):
         _offload(model, tmp_path, 0.1, backend="pread")
+
+
+# ------------------------------------------------------------------ embedding rows
+
+
+def _llama(tied: bool = False, vocab: int = 4096):
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _tokens(batch: int, length: int, vocab: int = 4096, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sparse_embedding_reads_only_the_rows_of_its_tokens(tmp_path, backend):
+    model = _llama()
+    ids = _tokens(2, 9)
+    want = _reference(model, ids, 6)
+    om = _offload(model, tmp_path, 0.6, backend=backend, sparse_embeddings=True)
+    got = _reference(om, ids, 6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    emb = s["embedding"]
+    assert emb is not None and emb["units"] == 1 and s["peak_usage_bytes"] <= s["budget_bytes"]
+    # Each call reads at most the row blocks of its tokens: far from the whole embedding.
+    before = emb["bytes_read"]
+    with torch.no_grad():
+        om(_tokens(1, 1, seed=9))
+    read = ts.get_model_statistics(om)["embedding"]["bytes_read"] - before
+    assert read <= emb["slice_bytes"] < 4096 * 64 * 4 / 8
+
+
+def test_rows_that_do_not_fit_the_share_are_looked_up_in_parts(tmp_path):
+    """Near the smallest budget the cache holds a row block or two; a prompt touching many
+    blocks is looked up in parts, with the same values."""
+    model = _llama()
+    ids = _tokens(1, 40)
+    want = _reference(model, ids, 3)
+    for percent in range(5, 100):  # the smallest budget accepted, to a percent of the model
+        try:
+            om = _offload(model, tmp_path, percent / 100, backend="pread", sparse_embeddings=True)
+            break
+        except ts.BudgetError:
+            continue
+    s = ts.get_model_statistics(om)
+    assert s["embedding"]["share_bytes"] < 4 * s["embedding"]["slice_bytes"]
+    got = _reference(om, ids, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    assert s["embedding"]["calls"] > 3 + 1, "the prompt was not looked up in parts"
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def test_a_tied_embedding_is_not_streamed_by_rows(tmp_path):
+    """The head reads every row each token: a tied embedding stays dense, and correct."""
+    model = _llama(tied=True)
+    ids = _tokens(1, 8)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.6, backend="pread", sparse_embeddings=True)
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert ts.get_model_statistics(om)["embedding"] is None
+
+
+def test_an_moe_model_with_sparse_embeddings_streams_both(tmp_path):
+    model = _qwen3_moe()
+    ids = _ids(2, 8)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.3, backend="mmap", sparse_embeddings=True)
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    assert s["experts"]["calls"] > 0 and s["embedding"]["calls"] > 0
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]
