@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, budget_gb, input_ids, tiny_llama
+from conftest import CPU_BACKENDS, budget_gb, input_ids, tiny_llama, tiny_mixtral
 
 import tensorstream as ts
 from tensorstream import pressure
@@ -121,3 +121,41 @@ def test_interrupt_at_every_line_of_the_hooks_leaves_the_model_consistent(
     assert interrupted >= len(rec.lines) * 0.85, f"{interrupted} of {len(rec.lines)} lines were interrupted"
     s = ts.get_model_statistics(model)
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_interrupt_at_every_line_of_the_sparse_cache_leaves_the_model_consistent(tmp_path, backend):
+    """The same sweep over the expert-granular path (tensorstream.sparse) of a Mixtral whose
+    budget holds one and a half layers' experts: after each interrupt no read is in flight
+    and the share holds, and the next forward gives the reference's logits."""
+    ref = tiny_mixtral(seed=3, layers=3)
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 1.6), backend=backend)
+    model = ts.offload(tiny_mixtral(seed=3, layers=3), cfg)
+    rt = model._tensorstream
+    ids = input_ids(seed=7)
+    files = {str(PKG / "sparse.py"), str(PKG / "runtime.py")}
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert torch.equal(model(ids).logits, expected)
+        with Injector(files=files) as rec:
+            assert torch.equal(model(ids).logits, expected)
+        sparse_lines = [line for line in rec.lines if line[0].endswith("sparse.py")]
+        assert len(sparse_lines) > 40, f"only {len(sparse_lines)} lines of sparse.py traced"
+        interrupted = 0
+        for line in rec.lines:
+            try:
+                with Injector(line, files=files) as inj:
+                    out = model(ids).logits
+            except KeyboardInterrupt:
+                interrupted += 1
+                held = rt.sparse.held_bytes() if rt.sparse else 0
+                in_flight = sum(len(u.tickets) for u in rt.sparse.units.values()) if rt.sparse else 0
+                assert held <= rt.sparse.share and in_flight == 0, f"{line}: {held} bytes, {in_flight} reads left"
+            else:
+                assert not inj.fired, f"{line}: the interrupt was swallowed"
+                assert torch.equal(out, expected), f"{line}: not reached, and yet different logits"
+            where = f"{Path(line[0]).name}:{line[1]}"
+            assert torch.equal(model(ids).logits, expected), f"interrupt at {where}: the next forward differs"
+    assert interrupted >= len(rec.lines) * 0.85, f"{interrupted} of {len(rec.lines)} lines were interrupted"
+    s = ts.get_model_statistics(model)
+    assert s["experts"] is not None and s["peak_usage_bytes"] <= s["budget_bytes"]

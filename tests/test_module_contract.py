@@ -1,5 +1,6 @@
 """An offloaded model behaves like any PyTorch module, on every CPU transfer path and for
-models from offload() and from from_pretrained():
+models from offload() and from from_pretrained(), a dense one and a mixture of experts
+streamed expert by expert (tensorstream.sparse):
 
 - state_dict() gives the real weights (never a placeholder); torch.save/torch.load round-trips;
   save_pretrained() writes a checkpoint that transformers reloads with identical outputs;
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, budget_gb, input_ids, logits_and_tokens, tiny_llama
+from conftest import CPU_BACKENDS, budget_gb, input_ids, logits_and_tokens, tiny_llama, tiny_mixtral
 
 import tensorstream as ts
 from tensorstream.errors import TensorStreamError
@@ -52,7 +53,44 @@ def pretrained(tmp_path, backend: str, k: float = 2.5, seed: int = 0):
     return ref, ts.from_pretrained(str(tmp_path / "ckpt"), cfg)
 
 
-BUILDERS = {"offload": offloaded, "from_pretrained": pretrained}
+MOE_K = 1.6
+"""Budget (in whole blocks) for the Mixtral: the dense units and the experts of one layer and
+a half, so that experts are evicted and read again."""
+
+
+def offloaded_moe(tmp_path, backend: str, k: float = MOE_K, seed: int = 0):
+    ref = tiny_mixtral(seed=seed, layers=3)
+    model = tiny_mixtral(seed=seed, layers=3)
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(model, k), backend=backend)
+    return ref, _sparse(ts.offload(model, cfg))
+
+
+def pretrained_moe(tmp_path, backend: str, k: float = MOE_K, seed: int = 0):
+    ref = tiny_mixtral(seed=seed, layers=3)
+    ref.save_pretrained(tmp_path / "ckpt")
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, k), backend=backend)
+    return ref, _sparse(ts.from_pretrained(str(tmp_path / "ckpt"), cfg))
+
+
+def _sparse(model):
+    assert ts.get_model_statistics(model)["experts"] is not None, "the experts do not stream expert by expert"
+    return model
+
+
+BUILDERS = {
+    "offload": offloaded,
+    "from_pretrained": pretrained,
+    "moe": offloaded_moe,
+    "moe_from_pretrained": pretrained_moe,
+}
+
+
+def _mlp_weight(model, layer: int, name: str):
+    """A streamed weight of a layer's MLP: the Linear's, or the experts' fused one."""
+    mlp = model.model.layers[layer].mlp
+    if hasattr(mlp, "experts"):
+        return mlp.experts.gate_up_proj if name == "up_proj" else mlp.experts.down_proj
+    return getattr(mlp, name).weight
 
 
 def _assert_streams(model) -> None:
@@ -106,9 +144,8 @@ def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, ba
     with torch.no_grad():
         expected = ref(ids).logits
         model(ids)
-    for layer in (0, 3):
-        w = model.model.layers[layer].mlp.up_proj.weight
-        r = ref.model.layers[layer].mlp.up_proj.weight
+    for layer in (0, -1):
+        w, r = _mlp_weight(model, layer, "up_proj"), _mlp_weight(ref, layer, "up_proj")
         assert torch.equal(w.sum(), r.sum())
         assert torch.equal(w.data, r.data)
         assert torch.equal(w.detach().clone(), r.detach())
@@ -127,7 +164,7 @@ def test_weight_read_outside_forward_is_real_and_writes_are_refused(tmp_path, ba
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("how", list(BUILDERS))
 def test_threads_generating_on_one_model_each_get_the_reference(tmp_path, backend, how):
-    ref, model = BUILDERS[how](tmp_path, backend, k=2.2)
+    ref, model = BUILDERS[how](tmp_path, backend, **({} if how.startswith("moe") else {"k": 2.2}))
     prompts = [input_ids(seed=s) for s in range(4)]
     expected = [logits_and_tokens(ref, p)[1] for p in prompts]
     results: dict = {}
@@ -153,12 +190,14 @@ def test_threads_generating_on_one_model_each_get_the_reference(tmp_path, backen
 FORK_SCRIPT = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
-from conftest import tiny_llama, budget_gb, input_ids
+from conftest import tiny_llama, tiny_mixtral, budget_gb, input_ids
 import tensorstream as ts
-ref = tiny_llama(tied=False)
-cfg = ts.Config(sys.argv[2], vram_budget_gb=budget_gb(ref, 2.5), backend=sys.argv[3])
-if sys.argv[4] == "offload":
-    model = ts.offload(tiny_llama(tied=False), cfg)
+moe = sys.argv[4].startswith("moe")
+build = (lambda: tiny_mixtral(layers=3)) if moe else (lambda: tiny_llama(tied=False))
+ref = build()
+cfg = ts.Config(sys.argv[2], vram_budget_gb=budget_gb(ref, 1.6 if moe else 2.5), backend=sys.argv[3])
+if sys.argv[4] in ("offload", "moe"):
+    model = ts.offload(build(), cfg)
 else:
     ref.save_pretrained(sys.argv[2] + "/ckpt")
     model = ts.from_pretrained(sys.argv[2] + "/ckpt", cfg)
@@ -263,7 +302,7 @@ def test_deepcopy_works_and_shares_the_store_pickle_refuses(tmp_path, backend, h
         assert torch.equal(twin(ids).logits, want)
         assert torch.equal(model(ids).logits, want)
     assert ts.get_model_statistics(twin)["store_path"] == ts.get_model_statistics(model)["store_path"]
-    assert torch.equal(twin.model.layers[2].mlp.down_proj.weight, ref.model.layers[2].mlp.down_proj.weight)
+    assert torch.equal(_mlp_weight(twin, 2, "down_proj"), _mlp_weight(ref, 2, "down_proj"))
     with pytest.raises(TensorStreamError, match="cannot be pickled"):
         pickle.dumps(model)
     with pytest.raises(TensorStreamError, match="cannot be pickled"):

@@ -267,7 +267,8 @@ class SparseCache:
             ranges=ranges,
             cost=max(sum(_span(o, b)[1] for o, b in r) for r in ranges),
             size=rt.sizes[i],
-            selectable=_selectable(rt.layouts[i], ranges),
+            # A parameter built in another dtype in the buffer's tail is converted whole.
+            selectable=_selectable(rt.layouts[i], ranges) and not rt.placement.converts[i],
             per=per,
             counts=[0.0] * n,
             last_used=[0] * n,
@@ -495,7 +496,7 @@ class SparseCache:
         if self.mapped:
             pl.set_bound(i, True)
         else:
-            pl.bind(i, self.buffers[i][1])
+            pl.bind(i, self.buffers[i][1], 0, pl.converts[i])
         pl.snapshot_versions(i)
         try:
             with self.rt.reads.saved_tensor_guard():

@@ -85,8 +85,9 @@ def statistics(rt) -> dict:
     tr = rt.transfer
     ps = rt.planner.stats() if rt.planner else {}
     es = rt.engine.stats() if rt.engine else {}
-    kept = rt.planner.kept() if rt.planner else []
-    resident = rt.planner.resident() if rt.planner else []
+    sparse = rt.sparse.units if rt.sparse else {}  # the planner sees them as 0 bytes: not its to count
+    kept = [v for v in rt.planner.kept() if v not in sparse] if rt.planner else []
+    resident = [v for v in rt.planner.resident() if v not in sparse] if rt.planner else []
     accesses = max(c.accesses, 1)
     if es.get("direct_refused_files"):
         rt.fallback("the filesystem refused O_DIRECT; reads went through the page cache")
