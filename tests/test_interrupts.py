@@ -150,7 +150,9 @@ def test_interrupt_at_every_line_of_the_sparse_cache_leaves_the_model_consistent
                 interrupted += 1
                 held = rt.sparse.held_bytes() if rt.sparse else 0
                 in_flight = sum(len(u.tickets) for u in rt.sparse.units.values()) if rt.sparse else 0
-                assert held <= rt.sparse.share and in_flight == 0, f"{line}: {held} bytes, {in_flight} reads left"
+                assert held <= rt.sparse.share and in_flight == 0, (
+                    f"{line}: {held} bytes, {in_flight} reads left"
+                )
             else:
                 assert not inj.fired, f"{line}: the interrupt was swallowed"
                 assert torch.equal(out, expected), f"{line}: not reached, and yet different logits"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CPU_BACKENDS
-from test_families import FAMILIES, _build
+from test_families import _build
 
 import tensorstream as ts
 
@@ -34,11 +34,11 @@ def _offload(model, path, share: float, **kw):
 
 
 @pytest.mark.parametrize("name", MOE_FAMILIES)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_every_moe_family_streams_experts_bit_identically(tmp_path, name, backend):
+@pytest.mark.parametrize("backend,share", [("mmap", 0.45), ("pread", 0.45), ("pread", 0.8)])
+def test_every_moe_family_streams_experts_bit_identically(tmp_path, name, backend, share):
     model, _ = _build(name)
     want = {b: _reference(model, _ids(b)) for b in (1, 3)}
-    om = _offload(model, tmp_path, 0.45, backend=backend)
+    om = _offload(model, tmp_path, share, backend=backend)
     for b in (1, 3):
         logits, tokens = _reference(om, _ids(b))
         assert torch.equal(logits, want[b][0]), (name, b)
@@ -102,9 +102,12 @@ def test_a_decoded_token_reads_only_its_routed_experts(tmp_path):
             prefetched = e1["prefetched"] - e0["prefetched"]
             assert demand <= top_k * layers
             assert e1["bytes_read"] - e0["bytes_read"] <= (demand + prefetched) * e1["slice_bytes"]
-            # The engine's count: the experts' reads, and each dense unit at most once a pass.
-            dense = sum(b for b, u in zip(s1["unit_bytes"], om._tensorstream.units) if not u.name.endswith("experts"))
-            assert s1["bytes_read"] - s0["bytes_read"] <= (e1["bytes_read"] - e0["bytes_read"]) + dense
+            # The engine's count: the experts' reads, and each dense unit at most twice (once
+            # for this pass, once prefetched at its end for the next).
+            dense = sum(
+                b for b, u in zip(s1["unit_bytes"], om._tensorstream.units) if not u.name.endswith("experts")
+            )
+            assert s1["bytes_read"] - s0["bytes_read"] <= (e1["bytes_read"] - e0["bytes_read"]) + 2 * dense
             whole = layers * 16 * e1["slice_bytes"]
             assert e1["bytes_read"] - e0["bytes_read"] <= whole / 2
             assert s1["peak_usage_bytes"] <= s1["budget_bytes"]
@@ -233,7 +236,7 @@ def test_a_tied_embedding_is_not_streamed_by_rows(tmp_path):
     model = _llama(tied=True)
     ids = _tokens(1, 8)
     want = _reference(model, ids)
-    om = _offload(model, tmp_path, 0.6, backend="pread", sparse_embeddings=True)
+    om = _offload(model, tmp_path, 0.9, backend="pread", sparse_embeddings=True)
     got = _reference(om, ids)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert ts.get_model_statistics(om)["embedding"] is None

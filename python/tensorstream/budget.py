@@ -18,8 +18,8 @@ from torch import nn
 from . import _core
 from .config import Config
 from .errors import BudgetError, InvalidArgumentError
-from .sparse import is_rows, share_bounds, sparse_units, streams_sparse
 from .pressure import read_memory
+from .sparse import is_rows, share_bounds, sparse_units, streams_sparse
 from .units import resident_bytes
 
 GiB = 1 << 30

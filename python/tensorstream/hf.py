@@ -316,7 +316,9 @@ def _in_place_fits(
         return False
     mappable = _mappable(model, candidates, found)
     in_place = unit_sizes(units + mappable, ckpt.source)
-    if fits(model, streamed_subset(model, units, mappable, in_place, config, device), in_place, config, device):
+    if fits(
+        model, streamed_subset(model, units, mappable, in_place, config, device), in_place, config, device
+    ):
         return True
     stored = {u.name: _core.store_unit_buffer_len([_nbytes(p) for p in u.params]) for u in units + candidates}
     chosen = streamed_subset(model, units, candidates, stored, config, device)

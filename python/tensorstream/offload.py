@@ -163,7 +163,9 @@ def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None)
         model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
     try:
         device = _model_device(model)
-        units = streamed_subset(model, units, all_units[len(units) :], unit_sizes(all_units, source), config, device)
+        units = streamed_subset(
+            model, units, all_units[len(units) :], unit_sizes(all_units, source), config, device
+        )
         install(model, Runtime(model, units, source, config, device))
     except BaseException:
         model.__dict__.pop("_tensorstream_draft", None)  # a refused model is left as it was

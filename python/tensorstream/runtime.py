@@ -27,10 +27,10 @@ from torch import nn
 from . import _core, budget, pressure
 from .config import BackendType
 from .errors import OutOfMemoryError, TensorStreamError
-from .sparse import SparseCache
 from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
+from .sparse import SparseCache
 from .speculative import Speculation
 from .stats import Counters, MemoryPressureEvent, notify_pressure, statistics
 from .transfer import PATHS, Context, probe_gds, select_path
@@ -151,7 +151,9 @@ class Runtime:
         cfg = self.config
         planner = _core.Planner(
             budget.planner_sizes(self.units, self.sizes, self.config, self.device),
-            self.budget_plan.units, cfg.prefetch_strategy.value, cfg.memory_pressure_mode.value
+            self.budget_plan.units,
+            cfg.prefetch_strategy.value,
+            cfg.memory_pressure_mode.value,
         )
         if self.pressure.ceiling is not None:
             planner.set_budget(self.pressure.ceiling)

@@ -118,7 +118,7 @@ def streams_sparse(device: torch.device) -> bool:
 
 
 def kind_of(spec, rows: bool) -> Optional[str]:
-    """"experts", "rows" (embeddings stream sparse only if `rows`) or None (a dense unit)."""
+    """ "experts", "rows" (embeddings stream sparse only if `rows`) or None (a dense unit)."""
     if len(spec.modules) == 1 and is_experts(spec.modules[0]):
         return "experts"
     return "rows" if rows and is_rows(spec) else None
@@ -227,7 +227,16 @@ class SparseCache:
         self.units: dict = {}
         self.buffers: dict = {}
         self.stats = {
-            kind: dict(calls=0, hits=0, prefetch_hits=0, misses=0, prefetched=0, bytes_read=0, predicted=0, hit_pred=0)
+            kind: dict(
+                calls=0,
+                hits=0,
+                prefetch_hits=0,
+                misses=0,
+                prefetched=0,
+                bytes_read=0,
+                predicted=0,
+                hit_pred=0,
+            )
             for kind in ("experts", "rows")
         }
         self.rows = rt.config.sparse_embeddings
@@ -242,7 +251,9 @@ class SparseCache:
         self.order = [i for i, u in self.units.items() if u.kind == "experts"]
         need = share_bounds(rt.units, rt.sizes, self.rows)[0]
         if share < need:
-            raise BudgetError(f"the sparse units' share of the budget ({share} bytes) is below their minimum ({need})")
+            raise BudgetError(
+                f"the sparse units' share of the budget ({share} bytes) is below their minimum ({need})"
+            )
 
     def _unit(self, spec) -> _Unit:
         rt = self.rt
@@ -277,7 +288,9 @@ class SparseCache:
             mod = spec.modules[0]
             u.router = self._router(mod)
             u.top_k = int(
-                getattr(u.router, "top_k", 0) or getattr(getattr(mod, "config", None), "num_experts_per_tok", 0) or 0
+                getattr(u.router, "top_k", 0)
+                or getattr(getattr(mod, "config", None), "num_experts_per_tok", 0)
+                or 0
             )
         else:
             u.verified = u.selectable  # rows are never read whole unless they must be

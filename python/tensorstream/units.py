@@ -207,7 +207,9 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
             continue  # the same block listed twice (called twice per forward) is one unit
         seen_modules.add(id(m))
         split = [] if unit_names else experts_and_routers(m)
-        apart = {id(p) for e, router in split for mod in (e, router) if mod is not None for p in mod.parameters()}
+        apart = {
+            id(p) for e, router in split for mod in (e, router) if mod is not None for p in mod.parameters()
+        }
         spec = _unit_of([m], names.get(id(m), type(m).__name__), owners, names)
         spec.params = [p for p in spec.params if id(p.get()) not in apart]
         if spec.params:

@@ -308,7 +308,10 @@ mod tests {
         assert_eq!(sel.extents[1].dest_offset, 9_000);
         assert!(sel.checksum.is_none());
         sel.validate().unwrap();
-        assert!(raw.select(&[(9_990, 20)]).is_none(), "past the unit's bytes");
+        assert!(
+            raw.select(&[(9_990, 20)]).is_none(),
+            "past the unit's bytes"
+        );
         // A coded chunk decodes whole: no range of it can be read alone; a raw chunk can.
         assert!(coded().select(&[(0, 10)]).is_none());
         let tail = coded().select(&[(MIB4 + 10, 20)]).unwrap();
