@@ -39,7 +39,6 @@ from __future__ import annotations
 import heapq
 import inspect
 import mmap
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,6 +48,7 @@ from torch import nn
 
 from .config import MemoryPressureMode
 from .errors import BudgetError
+from .transfer.base import cancel, wait_counting
 
 PAGE = 4096
 MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
@@ -320,11 +320,7 @@ class SparseCache:
         self._drop_pages(u, u.ranges[s])
 
     def _cancel(self, ticket) -> None:
-        self.engine.cancel(ticket)
-        try:
-            self.engine.wait(ticket)
-        except Exception:  # noqa: BLE001 - a cancelled read is dropped either way
-            pass
+        cancel(self.engine, ticket)
 
     def _drop_pages(self, u: _Unit, ranges: list) -> None:
         """Give a slice's pages back. A mapping of the store refaults a dropped page with its
@@ -420,12 +416,7 @@ class SparseCache:
         self.rt._track_peak()
 
     def _wait(self, ticket) -> None:
-        if not ticket.is_finished():
-            t0 = time.perf_counter()
-            self.engine.wait(ticket)
-            self.rt.counters.stall_seconds += time.perf_counter() - t0
-        else:
-            self.engine.wait(ticket)
+        wait_counting(self.engine, ticket, self.rt.counters)
 
     def _fetch(self, u: _Unit, needed: list, hidden=None) -> None:
         """Make `needed` slices of `u` resident (and start the lookahead meanwhile)."""

@@ -122,24 +122,33 @@ class Transfer:
 
     def _wait(self, i: int) -> None:
         """Wait for unit `i`'s read, counting the time a demand waits as a stall."""
-        t = self.io[i].ticket
-        if not t.is_finished():
-            t0 = time.perf_counter()
-            self.engine.wait(t)
-            self.ctx.counters.stall_seconds += time.perf_counter() - t0
-        else:
-            self.engine.wait(t)
+        wait_counting(self.engine, self.io[i].ticket, self.ctx.counters)
         self.io[i].ticket = None
 
     def _cancel(self, i: int) -> None:
         st = self.io[i]
         if st.ticket is not None:
-            self.engine.cancel(st.ticket)
-            try:
-                self.engine.wait(st.ticket)
-            except Exception:  # noqa: BLE001 - a cancelled or failed read is dropped either way
-                pass
+            cancel(self.engine, st.ticket)
         st.ticket = None
+
+
+def wait_counting(engine, ticket, counters) -> None:
+    """Wait for `ticket`, counting the time spent waiting as a stall."""
+    if ticket.is_finished():
+        engine.wait(ticket)
+        return
+    t0 = time.perf_counter()
+    engine.wait(ticket)
+    counters.stall_seconds += time.perf_counter() - t0
+
+
+def cancel(engine, ticket) -> None:
+    """Cancel `ticket` and wait until no worker touches its buffer."""
+    engine.cancel(ticket)
+    try:
+        engine.wait(ticket)
+    except Exception:  # noqa: BLE001 - a cancelled or failed read is dropped either way
+        pass
 
 
 class SlotPool:
