@@ -252,3 +252,18 @@ def test_an_moe_model_with_sparse_embeddings_streams_both(tmp_path):
     s = ts.get_model_statistics(om)
     assert s["experts"]["calls"] > 0 and s["embedding"]["calls"] > 0
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_where_sparse_units_cannot_stream_by_slices_they_stream_whole(tmp_path, backend, monkeypatch):
+    """On CUDA an experts unit streams whole through the planner, nested in its block's unit.
+    The same on the CPU paths, with slicing turned off as it is there."""
+    monkeypatch.setattr(ts.budget, "streams_sparse", lambda device: False)
+    model = _qwen3_moe()
+    ids = _ids(2, 8)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.5, backend=backend)
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    assert s["experts"] is None and s["units"] >= 8 and s["peak_usage_bytes"] <= s["budget_bytes"]

@@ -247,7 +247,7 @@ class Runtime:
         self._units_running += 1
         try:
             self.ensure_configured()
-            if self._cached(i):
+            if self._is_sparse(i):
                 self._check_unit(i)
                 return self.sparse.run(i, fn, args, kwargs)
             self._enter_unit(i)
@@ -329,7 +329,7 @@ class Runtime:
 
     def _prefetch(self, units: list) -> None:
         """Start loading `units` in the background, in order."""
-        units = [v for v in units if not self._cached(v)]
+        units = [v for v in units if not self._is_sparse(v)]
         for v in units:
             self.transfer.load(v, demand=False)
         self._track_peak()
@@ -396,13 +396,13 @@ class Runtime:
         for v in self.planner.release(i):
             self._evict(v)
 
-    def _cached(self, i: int) -> bool:
+    def _is_sparse(self, i: int) -> bool:
         """Whether unit `i` is a sparse unit the sparse cache streams (the planner sees it as
         0 bytes and never loads or evicts it)."""
         return self.sparse is not None and i in self.sparse.units
 
     def _evict(self, i: int) -> None:
-        if self._cached(i):
+        if self._is_sparse(i):
             return
         if not self.transfer.zero_copy:
             self.placement.unbind(i, self.device)
