@@ -157,3 +157,23 @@ def test_compressed_streaming_without_the_host_tier_reads_coded_bytes_from_disk(
     s = ts.get_model_statistics(model)
     assert s["gpu_coded_units"] > 0
     assert s["bytes_read"] > 0 and s["pcie_bytes"] * 1.25 < s["raw_bytes_delivered"]
+
+
+def test_a_mixture_of_experts_streams_to_the_gpu_with_identical_outputs(tmp_path):
+    """On CUDA an experts unit streams whole through the planner, nested in its block's unit
+    (tensorstream.sparse slices on the CPU paths only): outputs equal the model on the GPU."""
+    from conftest import tiny_mixtral
+
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    ref = tiny_mixtral(seed=0, layers=3, dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        want = ref(ids).logits, _generate(ref, ids)
+    del ref
+    model = tiny_mixtral(seed=0, layers=3, dtype=torch.bfloat16)
+    model = ts.offload(model, ts.Config(tmp_path, vram_budget_gb=budget_gb(model, 2.5)))
+    model.to("cuda")
+    with torch.no_grad():
+        got = model(ids).logits, _generate(model, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(model)
+    assert s["experts"] is None and s["units"] >= 6 and s["peak_usage_bytes"] <= s["budget_bytes"]
