@@ -46,7 +46,8 @@ def test_every_moe_family_streams_experts_bit_identically(tmp_path, name, backen
     s = ts.get_model_statistics(om)
     ex = s["experts"]
     assert ex is not None and ex["units"] >= 1 and ex["calls"] > 0
-    assert ex["hits"] + ex["prefetch_hits"] > 0, "the cache never served an expert"
+    if share > 0.5:  # room for more than one layer's experts
+        assert ex["hits"] + ex["prefetch_hits"] > 0, "the cache never served an expert"
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
 
 

@@ -340,9 +340,10 @@ class SparseCache:
             if hi > lo:
                 m.madvise(MADV_DONTNEED, lo, hi - lo)
 
-    def _make_room(self, nbytes: int, keep: set) -> bool:
+    def _make_room(self, nbytes: int, keep: set, below: float = float("inf")) -> bool:
         """Evict the slices used least (ties: used longest ago), never one in `keep`
-        ((unit, slice) pairs), until `nbytes` more fit in the share; False if they cannot."""
+        ((unit, slice) pairs) nor one counted `below` or more, until `nbytes` more fit in the
+        share; False if they cannot."""
         held = self.held_bytes()
         if held + nbytes <= self.share:
             return True
@@ -350,7 +351,7 @@ class SparseCache:
             (u.counts[s], u.last_used[s], u.index, s)
             for u in self.units.values()
             for s in (*u.resident, *u.tickets)
-            if (u.index, s) not in keep
+            if (u.index, s) not in keep and u.counts[s] < below
         ]
         heapq.heapify(victims)
         while held + nbytes > self.share:
@@ -402,15 +403,17 @@ class SparseCache:
         u.resident = set(range(u.slices))
 
     def _load(self, u: _Unit, slices: list, demand: bool, keep: set) -> None:
-        """Start reading `slices` of `u` that are neither resident nor in flight. A prefetch
-        stops where it would have to evict a slice in `keep`; a demand load raises there."""
+        """Start reading `slices` of `u` that are neither resident nor in flight. A demand load
+        evicts what it must (never a slice in `keep`). A prefetch only evicts slices used less
+        often than the one it reads, so that a guess never displaces what routing keeps asking
+        for."""
         for s in slices:
             if s in u.resident or s in u.tickets:
                 continue
             if demand:
                 self._room(u.cost, keep)
-            elif not self._make_room(u.cost, keep):
-                break
+            elif not self._make_room(u.cost, keep, below=u.counts[s]):
+                continue
             u.tickets[s] = self._submit(self.rt.layouts[u.index].select(u.ranges[s]), u, demand)
             self.stats[u.kind]["prefetched"] += not demand
         self.rt._track_peak()
