@@ -57,7 +57,8 @@ HALF_LIFE = 64
 ROW_BLOCK = 64 << 10
 """Bytes of an embedding's slice (whole rows, a multiple of a page where the rows allow)."""
 ROWS_HELD = 64
-"""Slices of an embedding the cache's share has room for at least."""
+"""Slices of an embedding the cache's share asks for where the budget has room (it works
+with one)."""
 SPARSE_IMPLEMENTATIONS = frozenset((None, "eager", "grouped_mm", "batched_mm"))
 """transformers' experts implementations that read only the routed experts' slices."""
 
