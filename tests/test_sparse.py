@@ -268,3 +268,40 @@ def test_where_sparse_units_cannot_stream_by_slices_they_stream_whole(tmp_path, 
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     s = ts.get_model_statistics(om)
     assert s["experts"] is None and s["units"] >= 8 and s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_through_experts_evicted_since_the_forward_gives_the_reference_gradients(tmp_path, backend):
+    """Autograd saves the expert weights a forward used; an expert evicted before backward
+    must be read again, not seen as the zeros its freed pages come back as."""
+    from conftest import budget_gb, tiny_mixtral
+
+    ref, model = tiny_mixtral(seed=0, layers=3), tiny_mixtral(seed=0, layers=3)
+    for p in [*ref.parameters(), *model.parameters()]:
+        p.requires_grad_(False)
+    om = ts.offload(model, ts.Config(tmp_path, vram_budget_gb=budget_gb(model, 1.6), backend=backend))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grad(m):
+        e = m.get_input_embeddings()(ids).detach().clone().requires_grad_(True)
+        m(inputs_embeds=e).logits.square().mean().backward()
+        return e.grad
+
+    assert torch.equal(grad(om), grad(ref))
+    assert ts.get_model_statistics(om)["experts"]["resident_slices"] < 3 * 4, "no expert was evicted"
+
+
+def test_an_evicted_expert_gives_its_memory_back(tmp_path):
+    """pread: the buffer is a private anonymous mapping, so dropping an expert's pages frees
+    them (they read as zeros after), unlike a shared one, whose pages stay in RAM as shmem."""
+    model = _qwen3_moe()
+    om = _offload(model, tmp_path, 0.3, backend="pread")
+    with torch.no_grad():
+        om(_ids(2, 9))
+    cache = om._tensorstream.sparse
+    u = next(u for u in cache.units.values() if len(u.resident) < u.slices)
+    e = next(s for s in range(u.slices) if s not in u.resident)
+    buf = cache.buffers[u.index][1]
+    offset, nbytes = u.ranges[e][0]
+    lo, hi = -(-offset // 4096) * 4096, (offset + nbytes) // 4096 * 4096
+    assert hi > lo and not buf[lo:hi].any(), "an evicted expert's pages still hold its bytes"

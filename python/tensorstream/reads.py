@@ -65,13 +65,20 @@ class Reads:
 
     def saved_tensor_guard(self):
         """In grad mode, autograd may save a parameter (or a view of it) for backward. A slot
-        is reused once its unit is evicted, so a saved tensor that lives in a slot is packed as
-        (unit, offset, shape) and read again from the source when backward needs it."""
-        tr = self.rt.transfer
-        if not torch.is_grad_enabled() or tr is None or tr.zero_copy:
+        is reused once its unit is evicted, and an evicted expert's pages come back as zeros,
+        so a saved tensor that lives in a slot or a sparse unit's buffer is packed as (unit,
+        offset, shape) and read again from the source when backward needs it."""
+        rt = self.rt
+        tr = rt.transfer
+        if not torch.is_grad_enabled() or tr is None:
             return contextlib.nullcontext()
         # No unit is loaded or evicted while a unit computes: the slots in use are these.
-        return torch.autograd.graph.saved_tensors_hooks(partial(self._pack, tr.slot_storages()), self._unpack)
+        slots = {} if tr.zero_copy else tr.slot_storages()
+        if rt.sparse is not None:
+            slots.update(rt.sparse.storages())
+        if not slots:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(partial(self._pack, slots), self._unpack)
 
     def _pack(self, slots: dict, t: torch.Tensor):
         hit = slots.get(t.untyped_storage().data_ptr())

@@ -245,7 +245,9 @@ class SparseCache:
         for i in sparse_units(rt.units, self.rows):
             self.units[i] = self._unit(rt.units[i])
             if not self.mapped:
-                m = mmap.mmap(-1, rt.sizes[i])
+                # Private: MADV_DONTNEED frees its pages (a shared anonymous mapping is shmem,
+                # whose pages outlive it and stay in RAM).
+                m = mmap.mmap(-1, rt.sizes[i], flags=mmap.MAP_PRIVATE)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self.buffers[i] = (m, torch.frombuffer(m, dtype=torch.uint8))
@@ -322,6 +324,12 @@ class SparseCache:
 
     def _cancel(self, ticket) -> None:
         cancel(self.engine, ticket)
+
+    def storages(self) -> dict:
+        """Storage address -> (unit, buffer) of the anonymous buffers (see
+        :meth:`tensorstream.reads.Reads.saved_tensor_guard`); none on the mmap path, whose
+        views stay valid."""
+        return {buf.untyped_storage().data_ptr(): (i, buf) for i, (_m, buf) in self.buffers.items()}
 
     def _drop_pages(self, u: _Unit, ranges: list) -> None:
         """Give a slice's pages back. A mapping of the store refaults a dropped page with its
