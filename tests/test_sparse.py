@@ -51,6 +51,48 @@ def test_every_moe_family_streams_experts_bit_identically(tmp_path, name, backen
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gpt_oss_experts_with_biases_stream_expert_by_expert(tmp_path, backend):
+    """GPT-OSS names the routed experts router_indices and gives each expert biases."""
+    cfg = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    ids = _ids(2, 12)
+    want = _reference(model, ids)
+    om = _offload(model, tmp_path, 0.5, backend=backend)
+    got = _reference(om, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    s = ts.get_model_statistics(om)
+    assert (
+        s["experts"] is not None and s["experts"]["units"] == 3 and s["peak_usage_bytes"] <= s["budget_bytes"]
+    )
+
+
+def test_out_of_range_ids_looked_up_in_parts_raise_like_the_embedding(tmp_path):
+    model = _llama()
+    ids = _tokens(1, 40)
+    ids[0, 5] = -1
+    with pytest.raises(IndexError):
+        model(ids)
+    om = None
+    for percent in range(5, 100):  # the smallest budget accepted: the rows are looked up in parts
+        try:
+            om = _offload(model, tmp_path, percent / 100, backend="pread", sparse_embeddings=True)
+            break
+        except ts.BudgetError:
+            continue
+    with torch.no_grad(), pytest.raises(IndexError):
+        om(ids)
+
+
 def _qwen3_moe(experts: int = 16, layers: int = 4, impl=None):
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=layers,
@@ -305,3 +347,25 @@ def test_an_evicted_expert_gives_its_memory_back(tmp_path):
     offset, nbytes = u.ranges[e][0]
     lo, hi = -(-offset // 4096) * 4096, (offset + nbytes) // 4096 * 4096
     assert hi > lo and not buf[lo:hi].any(), "an evicted expert's pages still hold its bytes"
+
+
+def test_experts_smaller_than_a_page_give_their_pages_back(tmp_path):
+    """fp16 experts of 3 KiB: a page holds parts of two; it is freed once neither is held, so
+    the pages committed in the buffers never exceed what the cache accounts."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=64, num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval().half()
+    om = _offload(model, tmp_path, 0.35, backend="pread")
+    with torch.no_grad():
+        for n in range(20):
+            om(_ids(1, 1, seed=n))
+    cache = om._tensorstream.sparse
+    committed = 0
+    for _m, buf in cache.buffers.values():  # a page of zeros may be committed or not: count non-zero ones
+        pages = buf[: buf.numel() // 4096 * 4096].view(-1, 4096)
+        committed += int(pages.any(dim=1).sum()) * 4096
+    assert committed <= cache.held_bytes() <= cache.share

@@ -59,6 +59,8 @@ ROW_BLOCK = 64 << 10
 ROWS_HELD = 64
 """Slices of an embedding the cache's share asks for where the budget has room (it works
 with one)."""
+INDEX_ARGUMENTS = ("top_k_index", "router_indices")
+"""The names transformers' experts forwards give the routed experts (GPT-OSS: router_indices)."""
 SPARSE_IMPLEMENTATIONS = frozenset((None, "eager", "grouped_mm", "batched_mm"))
 """transformers' experts implementations that read only the routed experts' slices."""
 
@@ -66,7 +68,7 @@ SPARSE_IMPLEMENTATIONS = frozenset((None, "eager", "grouped_mm", "batched_mm"))
 def is_experts(module: nn.Module) -> bool:
     """True for a module of fused experts called after routing: an int ``num_experts``,
     parameters that are all ``[num_experts, ...]`` tensors, no children holding parameters,
-    and a forward taking ``top_k_index``."""
+    and a forward taking the routed experts (``top_k_index``, GPT-OSS's ``router_indices``)."""
     n = getattr(module, "num_experts", None)
     if not isinstance(n, int) or n < 2:
         return False
@@ -79,7 +81,7 @@ def is_experts(module: nn.Module) -> bool:
         sig = inspect.signature(type(module).forward)
     except (TypeError, ValueError):
         return False
-    return "top_k_index" in sig.parameters
+    return any(name in sig.parameters for name in INDEX_ARGUMENTS)
 
 
 def is_rows(spec) -> bool:
@@ -333,8 +335,8 @@ class SparseCache:
 
     def _drop_pages(self, u: _Unit, ranges: list) -> None:
         """Give a slice's pages back. A mapping of the store refaults a dropped page with its
-        content, so whole pages go; an anonymous buffer would refault zeros, so only the pages
-        inside the slice go (a page shared with a neighbour stays)."""
+        content, so all its pages go. An anonymous buffer refaults zeros, so a page the slice
+        shares with a slice still held stays (that slice's cost counts it)."""
         if self.mapped:
             tr = self.rt.transfer
             base = tr.offsets[u.index]
@@ -344,10 +346,25 @@ class SparseCache:
             return
         m = self.buffers[u.index][0]
         for o, b in ranges:
-            lo = (o + PAGE - 1) // PAGE * PAGE
-            hi = (o + b) // PAGE * PAGE
+            lo, n = _span(o, b)
+            hi = lo + n
+            if lo < o and self._page_held(u, lo):
+                lo += PAGE
+            if hi > o + b and hi - PAGE >= lo and self._page_held(u, hi - PAGE):
+                hi -= PAGE
             if hi > lo:
                 m.madvise(MADV_DONTNEED, lo, hi - lo)
+
+    def _page_held(self, u: _Unit, page: int) -> bool:
+        """Whether a slice of `u` held now (resident or in flight) has bytes in the page at
+        `page` of its buffer, in any of its tensors."""
+        held = (*u.resident, *u.tickets)
+        for o, b in ((r[t][0], r[t][1]) for r in u.ranges[:1] for t in range(len(r))):
+            # Slice k of this tensor starts at o + k * b (the rows' last slice is shorter).
+            first, last = (page - o) // b, (page + PAGE - 1 - o) // b
+            if any(first <= k <= last for k in held):
+                return True
+        return False
 
     def _make_room(self, nbytes: int, keep: set, below: float = float("inf")) -> bool:
         """Evict the slices used least (ties: used longest ago), never one in `keep`
@@ -474,7 +491,7 @@ class SparseCache:
         if u.kind == "rows":
             return self._run_rows(u, fn, args, kwargs, next(iter(bound.values())))
         mod = self.rt.units[i].modules[0]
-        index = bound.get("top_k_index")
+        index = next((bound[n] for n in INDEX_ARGUMENTS if n in bound), None)
         impl = getattr(getattr(mod, "config", None), "_experts_implementation", None)
         if impl in SPARSE_IMPLEMENTATIONS and isinstance(index, torch.Tensor) and u.selectable:
             needed = sorted(e for e in set(index.flatten().tolist()) if 0 <= e < u.slices)
@@ -496,6 +513,11 @@ class SparseCache:
             self._fetch(u, needed)
             return self._compute(u, fn, args, kwargs)
         flat, out = ids.flatten(), None
+        rows = self.rt.units[u.index].params[0].shape[0]
+        bad = (flat < 0) | (flat >= rows)
+        if bad.any():  # in no part: the module's own lookup refuses them (IndexError)
+            self._compute(u, fn, (flat[bad],), {})
+            raise IndexError(f"{self.rt.units[u.index].name}: token ids outside the {rows} rows")
         for k in range(0, len(needed), cap):
             part = needed[k : k + cap]
             mask = torch.isin(blocks, torch.tensor(part, dtype=blocks.dtype))
