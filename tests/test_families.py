@@ -240,13 +240,17 @@ def _build(name: str):
     cfg_name, kw, kind = FAMILIES[name]
     cfg = getattr(transformers, cfg_name)(**kw)
     torch.manual_seed(0)
-    model = getattr(transformers, AUTO[kind]).from_config(cfg).eval()
-    # Seeded random values everywhere (some families initialise norms and biases to constants).
+    return seeded(getattr(transformers, AUTO[kind]).from_config(cfg).eval()), kind
+
+
+def seeded(model):
+    """`model` with seeded random values everywhere (some families initialise norms and
+    biases to constants)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model, kind
+    return model
 
 
 def _inputs(model, kind: str) -> dict:

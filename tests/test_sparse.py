@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CPU_BACKENDS
-from test_families import _build
+from test_families import _build, seeded
 
 import tensorstream as ts
 
@@ -60,11 +60,7 @@ def test_gpt_oss_experts_with_biases_stream_expert_by_expert(tmp_path, backend):
         sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     )  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model = seeded(transformers.GptOssForCausalLM(cfg).eval())
     ids = _ids(2, 12)
     want = _reference(model, ids)
     om = _offload(model, tmp_path, 0.5, backend=backend)
@@ -102,12 +98,7 @@ def _qwen3_moe(experts: int = 16, layers: int = 4, impl=None):
     if impl:
         cfg._experts_implementation = impl
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return seeded(transformers.Qwen3MoeForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("share", [0.3, 0.6, 1.0])

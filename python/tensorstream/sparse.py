@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import math
 import mmap
 import warnings
 from dataclasses import dataclass, field
@@ -129,20 +130,14 @@ def kind_of(spec, rows: bool) -> Optional[str]:
 
 def _row_block(row_bytes: int) -> int:
     """Rows per slice: about ROW_BLOCK bytes, whole pages where the rows allow."""
-    per_page = PAGE // _gcd(row_bytes, PAGE)  # rows that fill whole pages
+    per_page = PAGE // math.gcd(row_bytes, PAGE)  # rows that fill whole pages
     rows = max(ROW_BLOCK // row_bytes, 1)
     return max(rows // per_page, 1) * per_page if rows >= per_page else rows
 
 
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
-
-
 def slicing(spec) -> tuple:
     """(slices, rows per slice or None) of a sparse unit."""
-    if len(spec.modules) == 1 and is_experts(spec.modules[0]):
+    if kind_of(spec, rows=False) == "experts":
         return spec.modules[0].num_experts, None
     rows, width = spec.params[0].shape
     row_bytes = width * spec.params[0].get().element_size()
@@ -244,6 +239,8 @@ class SparseCache:
         }
         self.rows = rt.config.sparse_embeddings
         self.conservative = rt.config.memory_pressure_mode == MemoryPressureMode.CONSERVATIVE
+        self._parents = {id(c): m for m in rt.model.modules() for c in m.children()}
+        self._streamed = {id(p.get()) for u in rt.units for p in u.params}
         for i in sparse_units(rt.units, self.rows):
             self.units[i] = self._unit(rt.units[i])
             if not self.mapped:
@@ -303,13 +300,11 @@ class SparseCache:
 
     def _router(self, experts: nn.Module) -> Optional[nn.Module]:
         """The resident router beside `experts` (None when it streams: it cannot predict)."""
-        streamed = {id(p.get()) for u in self.rt.units for p in u.params}
-        for parent in self.rt.model.modules():
-            if any(c is experts for c in parent.children()):
-                r = router_of(parent, experts)
-                if r is not None and not any(id(p) in streamed for p in r.parameters()):
-                    return r
-        return None
+        parent = self._parents.get(id(experts))
+        r = router_of(parent, experts) if parent is not None else None
+        if r is None or any(id(p) in self._streamed for p in r.parameters()):
+            return None
+        return r
 
     # ------------------------------------------------------------ accounting
 
@@ -320,12 +315,9 @@ class SparseCache:
     def _evict(self, u: _Unit, s: int) -> None:
         t = u.tickets.pop(s, None)
         if t is not None:
-            self._cancel(t)
+            cancel(self.engine, t)
         u.resident.discard(s)
         self._drop_pages(u, u.ranges[s])
-
-    def _cancel(self, ticket) -> None:
-        cancel(self.engine, ticket)
 
     def storages(self) -> dict:
         """Storage address -> (unit, buffer) of the anonymous buffers (see
@@ -564,8 +556,7 @@ class SparseCache:
             picked = torch.topk(logits, min(nxt.top_k, nxt.slices), dim=-1).indices
         guess = sorted(set(picked.flatten().tolist()))
         nxt.predicted = set(guess)
-        # A guess may evict what a demand load would, but not this call's experts, nor the
-        # next layer's resident ones.
+        # A guess never evicts this call's experts, nor the next layer's resident ones.
         self._load(nxt, guess, demand=False, keep=keep | {(nxt.index, e) for e in (*nxt.resident, *guess)})
 
     # ------------------------------------------------------------ lifecycle
@@ -574,7 +565,7 @@ class SparseCache:
         """Cancel every read and drop every slice (recovery, teardown)."""
         for u in self.units.values():
             if u.whole is not None:
-                self._cancel(u.whole)
+                cancel(self.engine, u.whole)
                 u.whole = None
             for s in (*u.resident, *u.tickets):
                 self._evict(u, s)
