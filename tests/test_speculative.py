@@ -6,6 +6,9 @@ statistics count drafted and accepted tokens."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+
 import pytest
 import torch
 from conftest import GiB, budget_gb, input_ids, tiny_llama
@@ -72,6 +75,8 @@ def test_sampled_tokens_are_those_of_the_same_assisted_call_unoffloaded(tmp_path
     torch.manual_seed(5)
     want = _generate(ref, ids, do_sample=True, top_k=20, assistant_model=ref_draft)
     assert torch.equal(got, want)
+    # Sampling draws random numbers in the draft too: nothing is drafted ahead, out of turn.
+    assert ts.get_model_statistics(model)["speculative"]["drafted_ahead_passes"] == 0
 
 
 def test_the_draft_counts_in_the_budget(tmp_path):
@@ -137,3 +142,114 @@ def test_the_drafting_rule():
         for k in (1, 4, 9):
             e = speculative.expected_tokens(k, a)
             assert abs(speculative.acceptance_from(e, k) - a) < 1e-6
+
+
+def test_the_drafting_rule_when_drafting_ahead():
+    choose = speculative.choose_drafted
+    # A perfect draft ahead: the cycle is max(T, (k + 1) t); past T / t the draft sets the
+    # pace and more tokens gain nothing: the smallest k with (k + 1) t >= T.
+    assert choose(0.6, 0.055, 1.0, ahead=True) == 10
+    assert choose(0.6, 0.055, 1.0, ahead=False) == speculative.MAX_DRAFTED
+    # A draft never accepted is never used ahead: the cycle is the serial one.
+    cycle = speculative.cycle_seconds
+    assert cycle(4, 0.6, 0.05, 0.0, ahead=True) == cycle(4, 0.6, 0.05, 0.0, ahead=False)
+
+
+def _draft_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "tensorstream-draft-ahead"]
+
+
+def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_injection):
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    model = _offload_with_draft(tmp_path, draft)
+    # Every read of the target takes 30 ms more: a verification pass lasts long enough that
+    # the draft, drafting ahead, runs inside it.
+    model._tensorstream.engine.set_fault_plan(delay_ms=30)
+    seen = []
+    handle = draft.register_forward_pre_hook(
+        lambda *_: seen.append((threading.current_thread().name, model._tensorstream._depth > 0))
+    )
+    try:
+        assert torch.equal(_generate(model, ids, num_assistant_tokens=4), want)
+    finally:
+        handle.remove()
+        model._tensorstream.engine.set_fault_plan()
+    s = ts.get_model_statistics(model)["speculative"]
+    # 20 new tokens by 5 a pass: the first pass's candidates are drafted in turn, the
+    # other three's while the pass before was verified.
+    assert s["verification_passes"] == 4 and s["drafted_ahead_passes"] == 3, s
+    assert s["drafted"] == 4 * 4 and s["rejected"] == 0, s
+    assert ("tensorstream-draft-ahead", True) in seen, "the draft drafted while the target verified"
+    assert 0 <= s["disk_idle_seconds_per_pass"] <= s["seconds_per_pass"], s
+    assert not _draft_threads()
+
+
+def test_a_draft_that_misses_drafts_ahead_only_what_it_can_use(tmp_path):
+    """Candidates drafted ahead are used only when the pass before accepted all its own
+    and the target's token was the one guessed; tokens stay those of plain generation."""
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    model = _offload_with_draft(tmp_path, tiny_llama(tied=False, seed=9, layers=2))
+    assert torch.equal(_generate(model, ids, num_assistant_tokens=3), want)
+    s = ts.get_model_statistics(model)["speculative"]
+    assert s["drafted_ahead_passes"] <= s["verification_passes"] - 1
+    assert s["accepted"] + s["rejected"] == s["drafted"]
+
+
+def test_an_interrupt_while_the_draft_drafts_ahead_leaves_the_model_usable(tmp_path):
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    model = _offload_with_draft(tmp_path, draft)
+    rt = model._tensorstream
+    layer = model.model.layers[LAYERS - 1]
+    calls = []
+
+    def interrupt(*_):
+        calls.append(1)
+        if len(calls) == 2:  # the second pass: the draft is drafting ahead
+            raise KeyboardInterrupt("injected")
+
+    handle = layer.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt, match="injected"):
+        _generate(model, ids)
+    handle.remove()
+    assert not _draft_threads(), "nothing drafts once generate() has raised"
+    assert draft.generation_config.num_assistant_tokens is None
+    assert not rt.speculation.lock.locked()
+    assert torch.equal(_generate(model, ids), want)
+
+
+def test_an_error_of_the_draft_ahead_is_raised_by_generate(tmp_path):
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    model = _offload_with_draft(tmp_path, draft)
+    forwards = []
+
+    def fail(*_):
+        forwards.append(threading.current_thread().name)
+        if forwards[-1] == "tensorstream-draft-ahead":
+            raise RuntimeError("the draft failed")
+
+    handle = draft.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="the draft failed"):
+        _generate(model, ids, num_assistant_tokens=4)
+    handle.remove()
+    assert not _draft_threads()
+    assert torch.equal(_generate(model, ids), want)
+
+
+def test_two_threads_generate_with_one_draft(tmp_path):
+    """Assisted calls on one model take turns with the draft (its knobs are set per call)."""
+    ids = input_ids()
+    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    model = _offload_with_draft(tmp_path, draft)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: _generate(model, ids), range(4)))
+    assert all(torch.equal(o, want) for o in outs)
+    assert draft.generation_config.num_assistant_tokens is None
+    assert ts.get_model_statistics(model)["speculative"]["calls"] == 4

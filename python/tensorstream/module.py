@@ -23,7 +23,7 @@ from torch import nn
 from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
-from .speculative import assisted_generate
+from .speculative import assisted_generate, candidate_generator
 
 
 class _Forward:
@@ -92,10 +92,19 @@ class _UnitApply(_RootApply):
 
 
 class _Generate(_Forward):
-    """``model.generate`` of a model offloaded with a draft: assisted by it."""
+    """``model.generate``: assisted by the draft given to offload(), if any, with the
+    drafting knobs chosen for a streamed model (see :mod:`tensorstream.speculative`)."""
 
     def __call__(self, *args, **kwargs):
         return assisted_generate(self.runtime, self.orig, args, kwargs)
+
+
+class _CandidateGenerator(_Forward):
+    """``model._get_candidate_generator``, which transformers' assisted generation calls:
+    one that drafts the next pass while the target verifies this one, where it can."""
+
+    def __call__(self, **kwargs):
+        return candidate_generator(self.orig, **kwargs)
 
 
 class _Locked(_Forward):
@@ -175,8 +184,10 @@ def install(model: nn.Module, runtime: Runtime) -> None:
     model._apply = _RootApply(runtime, model)
     model.forward = _PassForward(runtime, model.forward)
     model.state_dict = _Locked(runtime, model.state_dict)
-    if runtime.draft is not None:
+    if hasattr(model, "generate"):
         model.generate = _Generate(runtime, model.generate)
+    if hasattr(model, "_get_candidate_generator"):
+        model._get_candidate_generator = _CandidateGenerator(runtime, model._get_candidate_generator)
     model.load_state_dict = _CheckedLoad(runtime, model.load_state_dict)
     model._tensorstream = runtime
     trim_heap()

@@ -625,3 +625,32 @@ fn bad_configs_and_requests_are_invalid_arguments() {
     assert!(t.is_finished());
     engine.wait(&t).unwrap();
 }
+
+#[test]
+fn active_time_is_wall_time_with_a_job_not_summed_over_workers() {
+    let fx = Fixture::new(4);
+    let faulty = FaultyBackend::new(MmapBackend::new());
+    faulty.set_plan(FaultPlan {
+        delay: Some(Duration::from_millis(40)),
+        ..Default::default()
+    });
+    let engine = engine_with(faulty, 4);
+    let names: Vec<String> = (0..4).map(|i| format!("u{i}")).collect();
+    let mut bufs: Vec<AlignedBuf> = names.iter().map(|n| fx.buf(n)).collect();
+    let t0 = Instant::now();
+    let tickets: Vec<Ticket> = names
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(n, b)| submit(&engine, &fx.layout(n), b, Priority::Prefetch))
+        .collect();
+    for t in &tickets {
+        engine.wait(t).unwrap();
+    }
+    let wall = t0.elapsed().as_nanos() as u64;
+    std::thread::sleep(Duration::from_millis(50)); // idle: not counted
+    let s = engine.stats();
+    assert!(s.active_ns >= 40_000_000, "one read took 40 ms: {s:?}");
+    assert!(s.active_ns <= wall, "active {} > wall {wall}", s.active_ns);
+    // Four workers read in parallel: their summed busy time exceeds the wall time active.
+    assert!(s.busy_ns > s.active_ns + 40_000_000, "{s:?}");
+}

@@ -197,6 +197,7 @@ impl PyEngine {
         d.set_item("chunks", s.chunks)?;
         d.set_item("busy_seconds", s.busy_ns as f64 / 1e9)?;
         d.set_item("stall_seconds", s.stall_ns as f64 / 1e9)?;
+        d.set_item("active_seconds", s.active_ns as f64 / 1e9)?;
         d.set_item("coded_chunks", s.coded_chunks)?;
         d.set_item("decoded_bytes", s.decoded_bytes)?;
         d.set_item("decode_seconds", s.decode_ns as f64 / 1e9)?;

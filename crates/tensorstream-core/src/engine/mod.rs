@@ -83,6 +83,10 @@ pub struct EngineStats {
     pub chunks: u64,
     /// Nanoseconds workers spent reading, summed over workers.
     pub busy_ns: u64,
+    /// Nanoseconds of wall time during which at least one worker had a job (read, decode,
+    /// checksum): the engine's busy time, not summed over workers. The rest of the time
+    /// the engine left the disk idle.
+    pub active_ns: u64,
     /// Nanoseconds callers spent blocked in [`Engine::wait`].
     pub stall_ns: u64,
     /// Coded chunks read and decoded.
@@ -107,9 +111,18 @@ struct Counters {
     chunks: AtomicU64,
     busy_ns: AtomicU64,
     stall_ns: AtomicU64,
+    active_ns: AtomicU64,
     coded_chunks: AtomicU64,
     decoded_bytes: AtomicU64,
     decode_ns: AtomicU64,
+}
+
+/// Workers with a job now, and since when at least one has had one: what `active_ns`
+/// is measured from.
+#[derive(Default)]
+struct Activity {
+    working: usize,
+    since: Option<Instant>,
 }
 
 struct Shared {
@@ -117,6 +130,30 @@ struct Shared {
     queues: Mutex<Queues>,
     work: Condvar,
     counters: Counters,
+    activity: Mutex<Activity>,
+}
+
+impl Shared {
+    /// A worker starts a job.
+    fn job_started(&self) {
+        let mut a = self.activity.lock().expect("activity poisoned");
+        a.working += 1;
+        if a.working == 1 {
+            a.since = Some(Instant::now());
+        }
+    }
+
+    /// A worker ends a job: the last one to end adds the span since the first started.
+    fn job_ended(&self) {
+        let mut a = self.activity.lock().expect("activity poisoned");
+        a.working -= 1;
+        if a.working == 0 {
+            if let Some(t0) = a.since.take() {
+                let ns = t0.elapsed().as_nanos() as u64;
+                self.counters.active_ns.fetch_add(ns, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// A pool of I/O workers serving read requests.
@@ -149,6 +186,7 @@ impl Engine {
             queues: Mutex::new(Queues::default()),
             work: Condvar::new(),
             counters: Counters::default(),
+            activity: Mutex::new(Activity::default()),
         });
         let workers = (0..config.num_threads)
             .map(|i| workers::spawn(shared.clone(), format!("tensorstream-io-{i}"), false))
@@ -339,6 +377,7 @@ impl Engine {
             chunks: l(&c.chunks),
             busy_ns: l(&c.busy_ns),
             stall_ns: l(&c.stall_ns),
+            active_ns: l(&c.active_ns),
             coded_chunks: l(&c.coded_chunks),
             decoded_bytes: l(&c.decoded_bytes),
             decode_ns: l(&c.decode_ns),

@@ -36,7 +36,9 @@ fn worker(shared: Arc<Shared>, coded_only: bool) {
                 q = shared.work.wait(q).expect("queue poisoned");
             }
         };
+        shared.job_started();
         run_job(&shared, job);
+        shared.job_ended();
     }
 }
 
