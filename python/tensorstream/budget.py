@@ -86,15 +86,23 @@ def device_capacity(device: torch.device) -> int:
     return read_memory(device).capacity
 
 
-def kept_beside(model: nn.Module) -> int:
+def kept_beside(model: nn.Module, units: list = ()) -> int:
     """Bytes kept resident beside the model's own modules and counted in its budget: the
-    draft given to ``offload(..., draft=)``, which runs on the same device."""
+    draft given to ``offload(..., draft=)``, which runs on the same device. A tensor the
+    draft shares with the model (``draft="int8"`` shares the embeddings and norms) counts
+    once, with the model, while the model keeps it resident; one that `units` stream counts
+    here, as the draft's own copy (``offload`` makes it)."""
     draft = model.__dict__.get("_tensorstream_draft")
-    return resident_bytes(draft, []) if draft is not None else 0
+    if draft is None:
+        return 0
+    streamed = {id(p.get()) for u in units for p in u.params}
+    held = {id(t) for t in list(model.parameters()) + list(model.buffers())} - streamed
+    own = {id(t): t for t in list(draft.parameters()) + list(draft.buffers()) if id(t) not in held}
+    return sum(t.numel() * t.element_size() for t in own.values())
 
 
-def _draft_note(model: nn.Module) -> str:
-    beside = kept_beside(model)
+def _draft_note(model: nn.Module, units: list) -> str:
+    beside = kept_beside(model, units)
     return f" (the draft {beside} of them)" if beside else ""
 
 
@@ -103,7 +111,8 @@ def room_for_units(model: nn.Module, units: list, sizes: list, budget: int, expl
     the modules left resident leave, or room for every unit when an `explicit` budget holds
     the whole model and the buffers add only their alignment (a budget of the model's own
     size is never refused). :func:`plan` and :func:`streamed_subset` both decide with it."""
-    resident, streamed = resident_bytes(model, units) + kept_beside(model), sum(u.nbytes for u in units)
+    resident = resident_bytes(model, units) + kept_beside(model, units)
+    streamed = sum(u.nbytes for u in units)
     room = budget - resident
     padding = sum(sizes) - streamed
     alignment = sum(PAGE * (len(u.params) + 1) for u in units)  # what buffers add beyond the bytes
@@ -130,7 +139,7 @@ def plan(
     this process. A default budget is what the model needs at most (its own buffers), within
     what the device has free minus what the others were promised and do not hold yet; explicit
     budgets that add up past the device's memory warn (if `warn`: once per model)."""
-    resident = resident_bytes(model, units) + kept_beside(model)
+    resident = resident_bytes(model, units) + kept_beside(model, units)
     unused = sum(max(b - held, 0) for b, held in others)
     if config.budget_bytes is not None:
         budget = config.budget_bytes
@@ -156,7 +165,7 @@ def plan(
             held += f", and the sparse cache at least {sparse} bytes (a layer's experts: a prefill may route to all)"
         raise BudgetError(
             f"a budget of {budget / GiB:.4g} GiB ({budget} bytes) cannot work on {device}: the modules that "
-            f"are not streamed take {resident} bytes{_draft_note(model)}, leaving {unit_budget} for streamed units, but the "
+            f"are not streamed take {resident} bytes{_draft_note(model, units)}, leaving {unit_budget} for streamed units, but the "
             f"largest unit takes {largest} bytes and prefetch strategy {strategy!r} ({pmode}) holds up to "
             f"{held}. Raise vram_budget_gb to at least {(resident + need) / GiB:.4g} "
             f"({resident + need} bytes), or stream more modules (Config.units)."

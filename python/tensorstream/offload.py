@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Union
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .errors import (
 from .module import install
 from .placement import slot_sizes
 from .runtime import Runtime
+from .selfdraft import build_int8_draft
 from .sources import StoreSource, has_digests
 from .speculative import check_draft
 from .units import analyse, fingerprint, with_candidates, write_store
@@ -130,7 +131,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
     return StoreSource(_core.Store(str(path), fp))
 
 
-def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None) -> nn.Module:
+def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None] = None) -> nn.Module:
     """Stream `model`'s blocks from disk within `config.vram_budget_gb`.
 
     Offloads in place and returns the same model. Its outputs stay bit-identical; the
@@ -142,6 +143,10 @@ def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None)
     is then assisted by it (unless the call names its own ``assistant_model``), with the
     drafting knobs chosen for a streamed model. Greedy tokens are those of plain generation;
     sampled ones those of the same assisted call on the un-offloaded model.
+
+    ``draft="int8"`` builds the draft from the model itself (:func:`tensorstream.selfdraft.build_int8_draft`):
+    its linear layers with int8 weights, its other tensors the model's own where the model
+    keeps them resident (counted once in the budget) and copies of the ones it streams.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"offload() needs a torch.nn.Module, got {type(model).__name__}")
@@ -159,18 +164,44 @@ def offload(model: nn.Module, config: Config, draft: Optional[nn.Module] = None)
         )
     all_units = with_candidates(model, units)
     source = open_or_write_store(model, all_units, config)
+    if isinstance(draft, str):
+        draft = build_int8_draft(model)  # while the weights are real: install() frees them
     if draft is not None:
         model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
+    shared: list = []
     try:
         device = _model_device(model)
         units = streamed_subset(
             model, units, all_units[len(units) :], unit_sizes(all_units, source), config, device
         )
+        if draft is not None:
+            shared = _own_copies(draft, units)
         install(model, Runtime(model, units, source, config, device))
     except BaseException:
         model.__dict__.pop("_tensorstream_draft", None)  # a refused model is left as it was
+        for module, name, t in shared:
+            module._parameters[name] = t
         raise
     return model
+
+
+def _own_copies(draft: nn.Module, units: list) -> list:
+    """Give the draft its own copy of each parameter it shares with the model that `units`
+    stream (install() turns those into placeholders); the budget already counts the copies
+    (``budget.kept_beside``). Returns (module, name, the shared parameter) for each one
+    replaced, to put back if the offload is refused."""
+    streamed = {id(p.get()) for u in units for p in u.params}
+    copies: dict = {}
+    replaced = []
+    for mod in draft.modules():
+        for name, t in list(mod._parameters.items()):
+            if t is None or id(t) not in streamed:
+                continue
+            if id(t) not in copies:  # a parameter tied within the draft stays tied
+                copies[id(t)] = nn.Parameter(t.detach().clone(), t.requires_grad)
+            mod._parameters[name] = copies[id(t)]
+            replaced.append((mod, name, t))
+    return replaced
 
 
 def unit_sizes(units: list, source) -> dict:

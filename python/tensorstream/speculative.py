@@ -35,6 +35,23 @@ KNOBS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_con
 
 
 def check_draft(draft, model: nn.Module) -> None:
+    """Refuse a `draft` that ``offload(model, ..., draft=)`` cannot use: a model that can
+    ``generate()`` and stays resident, or a string naming a draft built from the model."""
+    from .selfdraft import SELF_DRAFTS
+
+    if isinstance(draft, str):
+        if draft not in SELF_DRAFTS:
+            raise InvalidArgumentError(
+                f"draft={draft!r} is not a draft TensorStream builds; draft takes a transformers model that "
+                f"can generate(), or one of {', '.join(repr(k) for k in SELF_DRAFTS)} (a copy of the model "
+                "with int8 weights, built from it)"
+            )
+        if not hasattr(model, "generate"):
+            raise InvalidArgumentError(
+                f"draft={draft!r} builds the draft from the model, which must be a transformers model that can "
+                f"generate(); {type(model).__name__} cannot"
+            )
+        return
     if not isinstance(draft, nn.Module) or not hasattr(draft, "generate"):
         raise InvalidArgumentError(
             f"draft must be a transformers model that can generate(), got {type(draft).__name__}"
