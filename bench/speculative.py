@@ -9,12 +9,18 @@ tokens after an 8-token prompt, all in one run:
 - the perfect draft (an in-memory copy of the target: every drafted token is accepted) at
   k = 2, 4, 8, 16 drafted tokens a pass, and at the k TensorStream chooses;
 - a small separate draft (2 layers of the same shape, other random weights) at the k
-  TensorStream chooses.
+  TensorStream chooses;
+- the draft built from the target itself (``draft="int8"``: its linear layers in int8,
+  weight-only) at the k TensorStream chooses.
 
-For each: tok/s (median of --reps), tokens per verification pass, acceptance, pass time,
-draft time per token, bytes read per pass, and the disk's busy share of the pass (bytes
-read / the O_DIRECT bandwidth measured in the run, over the pass time). Tokens are checked
-against the model in memory.
+Greedy calls draft the next pass while the target verifies this one (``Lookahead``).
+
+For each: tok/s (median of --reps), tokens per verification pass, acceptance, the passes
+whose tokens were drafted ahead, time per pass, draft time per token, bytes read per pass,
+the time per pass the engine read nothing (disk idle: the engine's own wall-clock activity
+counter), and the disk-bound limit: the tokens a pass yields over the time the disk needs
+for its bytes at the O_DIRECT bandwidth measured in the run. Tokens are checked against the
+model in memory.
 
 Usage: python bench/speculative.py [--workdir DIR] [--reps 3] [--tokens 24]
 """
@@ -35,27 +41,37 @@ import torch  # noqa: E402
 from _common import build_llama, llama_config, machine, print_table, time_generate  # noqa: E402
 
 import tensorstream as ts  # noqa: E402
+from tensorstream import speculative  # noqa: E402
+from tensorstream.selfdraft import build_int8_draft  # noqa: E402
 
 GiB = 1 << 30
 
 
 def read_bandwidth(model) -> float:
-    """Bytes/s of the model's own engine reading each of its units once with O_DIRECT."""
+    """Bytes/s of the model's own engine reading all its units once with O_DIRECT, all
+    submitted at once (as many reads in flight as its workers take)."""
     from tensorstream.memory import aligned_empty
 
     rt = model._tensorstream
-    total, t0 = 0, time.perf_counter()
-    for lay in rt.layouts:
-        buf = aligned_empty(lay.buffer_len)
-        rt.engine.wait(rt.engine.submit(lay, buf.data_ptr(), lay.buffer_len, True, buf))
-        total += lay.bytes_to_read
-    return total / (time.perf_counter() - t0)
+    bufs = [aligned_empty(lay.buffer_len) for lay in rt.layouts]
+    t0 = time.perf_counter()
+    tickets = [
+        rt.engine.submit(lay, b.data_ptr(), lay.buffer_len, True, b) for lay, b in zip(rt.layouts, bufs)
+    ]
+    for t in tickets:
+        rt.engine.wait(t)
+    return sum(lay.bytes_to_read for lay in rt.layouts) / (time.perf_counter() - t0)
 
 
-def generate(model, ids, tokens: int, **kw):
-    """(output ids, seconds) of one greedy generate()."""
-    tps, out = time_generate(model, ids, tokens, pad_token_id=0, **kw)
-    return out, tokens / tps
+def measure(model, ids, tokens: int, reps: int, **kw):
+    """The median of `reps` greedy generate() calls: (seconds, output, stats before, after)."""
+    stats = ts.get_model_statistics if hasattr(model, "_tensorstream") else lambda _: None
+    runs = []
+    for _ in range(reps):
+        s0 = stats(model)
+        tps, out = time_generate(model, ids, tokens, pad_token_id=0, **kw)
+        runs.append((tokens / tps, out, s0, stats(model)))
+    return sorted(runs, key=lambda r: r[0])[len(runs) // 2]
 
 
 def main() -> None:
@@ -73,82 +89,69 @@ def main() -> None:
 
     ref = build_llama(cfg, torch.float32)
     size = ts.estimate_model_memory(ref)
-    want, _ = generate(ref, ids, args.tokens)
-    mem = [args.tokens / generate(ref, ids, args.tokens)[1] for _ in range(args.reps)]
-    small = build_llama(small_cfg, torch.float32, seed=7)
+    mem_s, want, _, _ = measure(ref, ids, args.tokens, args.reps)
+    rows = [["in memory", f"{args.tokens / mem_s:.2f}"] + [""] * 9 + ["yes"]]
 
-    def offloaded(draft):
+    def offloaded(draft, draft_bytes):
         model = build_llama(cfg, torch.float32)
-        extra = ts.estimate_model_memory(draft) if draft is not None else 0
-        budget = (args.share * size + extra) / GiB
-        c = ts.Config(os.path.join(workdir, "store"), vram_budget_gb=budget, backend="pread")
+        c = ts.Config(
+            os.path.join(workdir, "store"),
+            vram_budget_gb=(args.share * size + draft_bytes) / GiB,
+            backend="pread",
+        )
         return ts.offload(model, c, draft=draft)
 
-    rows = [["in memory", "", f"{statistics.median(mem):.2f}", "", "", "", "", "", "", "yes"]]
-    plain = offloaded(None)
-    generate(plain, ids, 2)  # writes nothing more; learns the order
-    runs = []
-    for _ in range(args.reps):
-        s0 = ts.get_model_statistics(plain)
-        out, dt = generate(plain, ids, args.tokens)
-        s1 = ts.get_model_statistics(plain)
-        runs.append((dt, s1["bytes_read"] - s0["bytes_read"], s1["forward_passes"] - s0["forward_passes"]))
-    dt, nbytes, passes = sorted(runs)[len(runs) // 2]
-    plain_tps = args.tokens / dt
-    bandwidth = statistics.median(read_bandwidth(plain) for _ in range(3))
-    busy = nbytes / bandwidth / dt
-    rows.append(
-        [
-            "offloaded, plain greedy (anchor)",
-            f"{busy:.0%}",
-            f"{plain_tps:.2f}",
-            "1.00x",
-            "1.0",
-            "",
-            f"{dt / passes:.3f}",
-            "",
+    plain_tps = bandwidth = None
+    perfect = build_llama(cfg, torch.float32)
+    small = build_llama(small_cfg, torch.float32, seed=7)
+    cases = [("offloaded, plain greedy (anchor)", None, 0, None)]
+    cases += [("perfect draft", perfect, size, k) for k in (2, 4, 8, 16, None)]
+    cases.append(("perfect draft, drafted in turn (not ahead)", perfect, size, 8))
+    cases.append(("small draft (2 layers)", small, ts.estimate_model_memory(small), None))
+    # The budget gives the int8 draft room as if it shared nothing with the target, as for the
+    # other drafts (sharing what the target keeps resident, it takes less).
+    int8_bytes = ts.estimate_model_memory(build_int8_draft(build_llama(cfg, torch.float32)))
+    cases.append(('self-built draft (draft="int8")', "int8", int8_bytes, None))
+    for name, draft, draft_bytes, k in cases:
+        model = offloaded(draft, draft_bytes)
+        kw = {"num_assistant_tokens": k} if k else {}
+        speculative.DRAFT_AHEAD = "in turn" not in name
+        time_generate(model, ids, 2, pad_token_id=0, **kw)  # warm: learns the order and measures a pass
+        dt, out, s0, s1 = measure(model, ids, args.tokens, args.reps, **kw)
+        if bandwidth is None:
+            bandwidth = statistics.median(read_bandwidth(model) for _ in range(3))
+        passes = s1["forward_passes"] - s0["forward_passes"]
+        nbytes = s1["bytes_read"] - s0["bytes_read"]
+        idle = dt - (s1["engine"]["active_seconds"] - s0["engine"]["active_seconds"])
+        tps = args.tokens / dt
+        plain_tps = plain_tps or tps
+        row = [
+            name
+            if draft is None
+            else f"{name}, k={k or 'chosen: ' + str(s1['speculative']['drafted_per_pass'])}",
+            f"{tps:.2f}",
+            f"{tps / plain_tps:.2f}x",
+            f"{args.tokens / passes:.1f}",
+        ]
+        if draft is None:
+            row += ["", "", f"{dt / passes:.3f}", ""]
+        else:
+            a, b = s0["speculative"], s1["speculative"]
+            drafted = b["drafted"] - a["drafted"]
+            draft_s = b["draft_seconds_per_token"] or 0
+            row += [
+                f"{(b['accepted'] - a['accepted']) / drafted:.0%}" if drafted else "",
+                f"{b['drafted_ahead_passes'] - a['drafted_ahead_passes']}/{passes}",
+                f"{dt / passes:.3f}",
+                f"{draft_s * 1e3:.1f} ms",
+            ]
+        row += [
+            f"{idle / passes:.3f}",
             f"{nbytes / passes / 1e6:.0f}",
+            f"{args.tokens / passes / (nbytes / passes / bandwidth):.2f}",
             "yes" if torch.equal(out, want) else "NO",
         ]
-    )
-    del plain
-
-    perfect = build_llama(cfg, torch.float32)
-    cases = [("perfect draft", perfect, k) for k in (2, 4, 8, 16)] + [("perfect draft", perfect, None)]
-    cases.append(("small draft (2 layers)", small, None))
-    for name, draft, k in cases:
-        model = offloaded(draft)
-        kw = {"num_assistant_tokens": k} if k else {}
-        generate(model, ids, 2, **kw)  # warm: learns the order and measures a pass
-        results = []
-        for _ in range(args.reps):
-            s0 = ts.get_model_statistics(model)
-            out, dt = generate(model, ids, args.tokens, **kw)
-            s1 = ts.get_model_statistics(model)
-            results.append((dt, out, s0, s1))
-        dt, out, s0, s1 = sorted(results, key=lambda r: r[0])[len(results) // 2]
-        a, b = s0["speculative"], s1["speculative"]
-        passes = b["verification_passes"] - a["verification_passes"]
-        drafted = b["drafted"] - a["drafted"]
-        accepted = b["accepted"] - a["accepted"]
-        nbytes = s1["bytes_read"] - s0["bytes_read"]
-        pass_s = dt / max(passes, 1)
-        busy = nbytes / bandwidth / dt if bandwidth else 0
-        rows.append(
-            [
-                f"{name}, k={k if k else 'chosen: ' + str(b['drafted_per_pass'])}",
-                "",
-                f"{args.tokens / dt:.2f}",
-                f"{args.tokens / dt / plain_tps:.2f}x",
-                f"{args.tokens / max(passes, 1):.1f}",
-                f"{accepted / drafted:.0%}" if drafted else "",
-                f"{pass_s:.3f}",
-                f"{(b['draft_seconds_per_token'] or 0) * 1e3:.1f} ms",
-                f"{nbytes / max(passes, 1) / 1e6:.0f}",
-                "yes" if torch.equal(out, want) else "NO",
-            ]
-        )
-        rows[-1][1] = f"{busy:.0%}"
+        rows.append(row)
         del model
     print_table(
         f"Speculative decoding, disk-bound (pread, O_DIRECT) fp32 Llama of {size / 1e9:.2f} GB, budget "
@@ -156,14 +159,16 @@ def main() -> None:
         f"disk bandwidth in the run {bandwidth / 1e9:.2f} GB/s",
         [
             "",
-            "disk busy",
             "tok/s",
             "vs plain",
             "tokens/pass",
             "accepted",
+            "drafted ahead",
             "s/pass",
             "draft/token",
+            "disk idle/pass (s)",
             "MB read/pass",
+            "disk-bound limit tok/s",
             "tokens identical",
         ],
         rows,

@@ -31,6 +31,10 @@ MAX_DRAFTED = 32
 PRIOR_ACCEPTANCE = 0.8
 """Per-token acceptance assumed before any pass was verified."""
 
+DRAFT_AHEAD = True
+"""Whether greedy assisted calls draft the next pass while the target verifies (:class:`Lookahead`);
+off only to measure what it gains (``bench/speculative.py``)."""
+
 KNOBS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 
 
@@ -290,7 +294,8 @@ class Lookahead:
     def applies(gen, generation_config) -> bool:
         g = getattr(gen, "assistant_generation_config", None)
         return (
-            type(gen) is AssistedCandidateGenerator
+            DRAFT_AHEAD
+            and type(gen) is AssistedCandidateGenerator
             and not generation_config.do_sample
             and g is not None
             and g.num_assistant_tokens_schedule == "constant"

@@ -143,6 +143,14 @@ impl Shared {
         }
     }
 
+    /// `active_ns` now: the spans ended, and the one in progress (read under the lock
+    /// the spans end under, so none is missed or counted twice).
+    fn active_ns(&self) -> u64 {
+        let a = self.activity.lock().expect("activity poisoned");
+        let now = a.since.map_or(0, |t0| t0.elapsed().as_nanos() as u64);
+        self.counters.active_ns.load(Ordering::Relaxed) + now
+    }
+
     /// A worker ends a job: the last one to end adds the span since the first started.
     fn job_ended(&self) {
         let mut a = self.activity.lock().expect("activity poisoned");
@@ -377,7 +385,7 @@ impl Engine {
             chunks: l(&c.chunks),
             busy_ns: l(&c.busy_ns),
             stall_ns: l(&c.stall_ns),
-            active_ns: l(&c.active_ns),
+            active_ns: self.shared.active_ns(),
             coded_chunks: l(&c.coded_chunks),
             decoded_bytes: l(&c.decoded_bytes),
             decode_ns: l(&c.decode_ns),
