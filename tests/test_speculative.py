@@ -253,3 +253,23 @@ def test_two_threads_generate_with_one_draft(tmp_path):
     assert all(torch.equal(o, want) for o in outs)
     assert draft.generation_config.num_assistant_tokens is None
     assert ts.get_model_statistics(model)["speculative"]["calls"] == 4
+
+
+def test_from_pretrained_takes_a_draft(tmp_path):
+    ids = input_ids()
+    ref = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    want = _generate(ref, ids)
+    ref.save_pretrained(tmp_path / "ckpt")
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    budget = budget_gb(ref, 2) + ts.estimate_model_memory(draft) / GiB
+    cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget, backend="pread")
+    with pytest.raises(ts.InvalidArgumentError, match="offload"):
+        ts.from_pretrained(str(tmp_path / "ckpt"), cfg, draft="int8")
+    with pytest.raises(ts.BudgetError, match="the draft"):
+        small = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 2), backend="pread")
+        ts.from_pretrained(str(tmp_path / "ckpt"), small, draft=draft)
+    model = ts.from_pretrained(str(tmp_path / "ckpt"), cfg, draft=draft)
+    assert torch.equal(_generate(model, ids), want)
+    s = ts.get_model_statistics(model)
+    assert s["speculative"]["rejected"] == 0 and s["speculative"]["calls"] == 1
+    assert s["peak_usage_bytes"] <= s["budget_bytes"]

@@ -23,6 +23,7 @@ from .module import install
 from .offload import unit_sizes
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
+from .speculative import check_draft
 from .units import TORCH_TO_ST, analyse, with_candidates
 
 
@@ -212,6 +213,7 @@ def from_pretrained(
     store: Optional[str] = None,
     device: Optional[str] = None,
     trust_remote_code: bool = False,
+    draft: Optional[nn.Module] = None,
 ) -> nn.Module:
     """Load a Hugging Face checkpoint for streaming, never materialising the streamed layers.
 
@@ -225,9 +227,22 @@ def from_pretrained(
     converted once, tensor by tensor, into a store under `config.storage_path`, reused by
     later loads of the same files, and the layers stream from it: a slot then holds only the
     converted bytes. `store` names a store made by :func:`convert` to use instead.
+
+    `draft`: a draft model for speculative decoding, as for :func:`tensorstream.offload`.
+    ``draft="int8"`` is refused here: it is built from the model's layer weights, which this
+    function never loads; load the model with transformers and call ``offload()``.
     """
     path = resolve_checkpoint(name_or_path)
+    if isinstance(draft, str):
+        raise InvalidArgumentError(
+            f"from_pretrained() cannot build draft={draft!r}: it is made from the model's layer weights, which "
+            "from_pretrained() never loads. Load the model with transformers and call "
+            f"tensorstream.offload(model, config, draft={draft!r}), or give a draft model"
+        )
     model = _skeleton(path, auto_class, dtype, trust_remote_code)
+    if draft is not None:
+        check_draft(draft, model)
+        model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
     units = analyse(model, config.units)
     if not units:
         raise InvalidArgumentError(
@@ -268,7 +283,7 @@ def from_pretrained(
                 mod._parameters[attr] = placeholders[id(t)]
     install(model, Runtime(model, units, source, config, torch.device("cpu")))
     if device is not None:
-        model.to(device)
+        model.to(device)  # the draft moves with it
     return model
 
 
