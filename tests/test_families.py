@@ -301,6 +301,8 @@ def test_family_from_pretrained_is_bit_identical_at_half_budget(tmp_path, name):
     want = _outputs(ref, kind, inputs)
     streamed = ts.from_pretrained(str(ck), ts.Config(tmp_path / "st", vram_budget_gb=0.5 * size / 2**30))
     assert type(streamed) is type(ref)
+    # as transformers gives them: some kernels choose their path by requires_grad
+    assert [p.requires_grad for p in streamed.parameters()] == [p.requires_grad for p in ref.parameters()]
     got = _outputs(streamed, kind, inputs)
     for w, g in zip(want, got):
         assert torch.equal(w, g), (name, (w.float() - g.float()).abs().max())

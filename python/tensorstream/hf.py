@@ -194,7 +194,7 @@ def _load_resident(model: nn.Module, ckpt: _Checkpoint, streamed: set, found: di
     ckpt.close()
     for mod, attr, r, t in todo:
         value = r.value([loaded[n] for n in r.sources]).to(t.dtype)
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        mod._parameters[attr] = nn.Parameter(value, value.is_floating_point())  # as transformers loads it
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta" and id(p) not in streamed]
@@ -272,8 +272,11 @@ def from_pretrained(
     _load_resident(model, ckpt, streamed, found)
     # Streamed parameters leave the meta device for placeholders of their final shape; a tied
     # one gets the same placeholder in every module that registers it, so it stays tied.
+    # requires_grad is what transformers' loading gives (whether the dtype is floating point):
+    # some kernels choose their path by it (torch's matmul folds a batched product only for an
+    # operand that does not require grad), so a frozen copy would differ in the last bit.
     placeholders = {
-        id(p.get()): nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+        id(p.get()): nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), p.dtype.is_floating_point)
         for u in units
         for p in u.params
     }
