@@ -169,7 +169,10 @@ def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_i
     model._tensorstream.engine.set_fault_plan(delay_ms=30)
     seen = []
     handle = draft.register_forward_pre_hook(
-        lambda *_: seen.append((threading.current_thread().name, model._tensorstream._depth > 0))
+        lambda _, args, kw: seen.append(
+            (threading.current_thread().name, model._tensorstream._depth > 0, kw["input_ids"].shape[-1])
+        ),
+        with_kwargs=True,
     )
     try:
         assert torch.equal(_generate(model, ids, num_assistant_tokens=4), want)
@@ -181,7 +184,9 @@ def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_i
     # other three's while the pass before was verified.
     assert s["verification_passes"] == 4 and s["drafted_ahead_passes"] == 3, s
     assert s["drafted"] == 4 * 4 and s["rejected"] == 0, s
-    assert ("tensorstream-draft-ahead", True) in seen, "the draft drafted while the target verified"
+    assert ("tensorstream-draft-ahead", True, 1) in seen, "the draft drafted while the target verified"
+    # drafting ahead, the draft feeds each token once (its cache keeps the one before)
+    assert {n for name, _, n in seen if name == "tensorstream-draft-ahead"} == {1}, seen
     assert 0 <= s["disk_idle_seconds_per_pass"] <= s["seconds_per_pass"], s
     assert not _draft_threads()
 
