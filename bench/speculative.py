@@ -18,9 +18,12 @@ Greedy calls draft the next pass while the target verifies this one (``Lookahead
 For each: tok/s (median of --reps), tokens per verification pass, acceptance, the passes
 whose tokens were drafted ahead, time per pass, draft time per token, bytes read per pass,
 the time per pass the engine read nothing (disk idle: the engine's own wall-clock activity
-counter), and the disk-bound limit: the tokens a pass yields over the time the disk needs
-for its bytes at the O_DIRECT bandwidth measured in the run. Tokens are checked against the
-model in memory.
+counter), and two limits: disk-bound, the tokens a pass yields over the time the disk needs
+for its bytes at the O_DIRECT bandwidth measured in the run; compute-bound, the tokens a pass
+yields over the time the machine needs for its forwards, each timed alone in memory in the
+run (the target's forward of the tokens it verifies, plus the draft's forwards: those it
+drafted and those drafted ahead and not used). Tokens are checked against the model in
+memory.
 
 Usage: python bench/speculative.py [--workdir DIR] [--reps 3] [--tokens 24]
 """
@@ -63,6 +66,21 @@ def read_bandwidth(model) -> float:
     return sum(lay.bytes_to_read for lay in rt.layouts) / (time.perf_counter() - t0)
 
 
+def forward_seconds(model, ids, n: int, reps: int = 5) -> float:
+    """Median seconds of one forward of `n` new tokens after `ids` (held in the KV cache), of
+    a model in memory, alone on the machine."""
+    new = torch.full((1, n), 5)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(new, cache=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+            cache.crop(-n)
+    return statistics.median(times)
+
+
 def measure(model, ids, tokens: int, reps: int, **kw):
     """The median of `reps` greedy generate() calls: (seconds, output, stats before, after)."""
     stats = ts.get_model_statistics if hasattr(model, "_tensorstream") else lambda _: None
@@ -90,7 +108,7 @@ def main() -> None:
     ref = build_llama(cfg, torch.float32)
     size = ts.estimate_model_memory(ref)
     mem_s, want, _, _ = measure(ref, ids, args.tokens, args.reps)
-    rows = [["in memory", f"{args.tokens / mem_s:.2f}"] + [""] * 9 + ["yes"]]
+    rows = [["in memory", f"{args.tokens / mem_s:.2f}"] + [""] * 10 + ["yes"]]
 
     def offloaded(draft, draft_bytes):
         model = build_llama(cfg, torch.float32)
@@ -112,6 +130,14 @@ def main() -> None:
     # other drafts (sharing what the target keeps resident, it takes less).
     int8_bytes = ts.estimate_model_memory(build_int8_draft(build_llama(cfg, torch.float32)))
     cases.append(('self-built draft (draft="int8")', "int8", int8_bytes, None))
+    verify_s = {}  # tokens a forward verifies -> seconds of the target's forward in memory
+
+    def compute_limit(tokens_per_pass: float, verified: int, draft_forwards: float, draft_model) -> float:
+        if verified not in verify_s:
+            verify_s[verified] = forward_seconds(ref, ids, verified)
+        draft_s = draft_forwards * forward_seconds(draft_model, ids, 1) if draft_forwards else 0.0
+        return tokens_per_pass / (verify_s[verified] + draft_s)
+
     for name, draft, draft_bytes, k in cases:
         model = offloaded(draft, draft_bytes)
         kw = {"num_assistant_tokens": k} if k else {}
@@ -135,10 +161,15 @@ def main() -> None:
         ]
         if draft is None:
             row += ["", "", f"{dt / passes:.3f}", ""]
+            cpu_limit = compute_limit(1, 1, 0, None)
         else:
             a, b = s0["speculative"], s1["speculative"]
             drafted = b["drafted"] - a["drafted"]
             draft_s = b["draft_seconds_per_token"] or 0
+            draft_forwards = (b["draft_tokens"] - a["draft_tokens"]) / passes
+            cpu_limit = compute_limit(
+                args.tokens / passes, round(drafted / passes) + 1, draft_forwards, model._tensorstream.draft
+            )
             row += [
                 f"{(b['accepted'] - a['accepted']) / drafted:.0%}" if drafted else "",
                 f"{b['drafted_ahead_passes'] - a['drafted_ahead_passes']}/{passes}",
@@ -149,6 +180,7 @@ def main() -> None:
             f"{idle / passes:.3f}",
             f"{nbytes / passes / 1e6:.0f}",
             f"{args.tokens / passes / (nbytes / passes / bandwidth):.2f}",
+            f"{cpu_limit:.2f}",
             "yes" if torch.equal(out, want) else "NO",
         ]
         rows.append(row)
@@ -169,6 +201,7 @@ def main() -> None:
             "disk idle/pass (s)",
             "MB read/pass",
             "disk-bound limit tok/s",
+            "compute-bound limit tok/s",
             "tokens identical",
         ],
         rows,

@@ -176,6 +176,7 @@ class Speculation:
             "acceptance": self.accepted / self.drafted if self.drafted else None,
             "tokens_per_pass": per_pass(self.new_tokens),
             "drafted_per_pass": self.drafted_per_pass,
+            "draft_tokens": self.draft_tokens,
             "drafted_ahead_passes": self.drafted_ahead,
             "draft_seconds_per_token": self.draft_seconds / self.draft_tokens if self.draft_tokens else None,
             "verification_pass_seconds": per_pass(self.pass_seconds),
@@ -275,7 +276,8 @@ class Lookahead:
     its own but the draft's share of the CPU. Otherwise they are dropped and the draft
     drafts from what was accepted, as it would have. The draft drafts greedily either way,
     through the same generator, so the candidates are those it would have drafted in turn
-    (with the tokens it had seen already fed in one forward rather than one by one); only
+    (up to the last bit of its cache: in turn, its own last token is fed again beside the
+    target's, see :meth:`_draft_after_own`); only
     greedy calls with a constant number of drafted tokens use it, so no random number is
     drawn out of turn and nothing else reads the generator meanwhile.
     """
