@@ -11,19 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PAGE, GiB, budget_gb, input_ids, tiny_gpt2, tiny_llama
+from test_speculative import LAYERS, generate, sampled_unoffloaded
 
 import tensorstream as ts
 from tensorstream.selfdraft import Int8WeightOnlyLinear, build_int8_draft
-
-LAYERS = 6
-NEW = 20
-
-
-def _generate(model, ids, **kwargs):
-    with torch.no_grad():
-        return model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, pad_token_id=0, **kwargs
-        )
 
 
 def _draft_bytes(model) -> int:
@@ -48,10 +39,10 @@ def _offload_int8(tmp_path, model, room_units=2, **kwargs):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied head", "tied head"])
 def test_greedy_tokens_are_those_of_plain_generation(tmp_path, tied):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=tied, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=tied, seed=3, layers=LAYERS), ids)
     model = tiny_llama(tied=tied, seed=3, layers=LAYERS)
     model = _offload_int8(tmp_path, model)
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     s = ts.get_model_statistics(model)["speculative"]
     assert s["calls"] == 1 and s["drafted"] > 0
     assert s["acceptance"] > 0, s
@@ -69,20 +60,11 @@ def test_sampled_tokens_are_those_of_the_same_assisted_call_unoffloaded(tmp_path
     ids = input_ids()
     model = _offload_int8(tmp_path, tiny_llama(tied=False, seed=3, layers=LAYERS))
     torch.manual_seed(5)
-    got = _generate(model, ids, do_sample=True, top_k=20)
+    got = generate(model, ids, do_sample=True, top_k=20)
     k = ts.get_model_statistics(model)["speculative"]["drafted_per_pass"]
 
     ref = tiny_llama(tied=False, seed=3, layers=LAYERS)
-    ref_draft = build_int8_draft(ref)
-    cfg = ref_draft.generation_config
-    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
-        k,
-        "constant",
-        0.0,
-    )
-    torch.manual_seed(5)
-    want = _generate(ref, ids, do_sample=True, top_k=20, assistant_model=ref_draft)
-    assert torch.equal(got, want)
+    assert torch.equal(got, sampled_unoffloaded(ref, build_int8_draft(ref), ids, k))
 
 
 def test_the_budget_counts_the_draft_once(tmp_path):
@@ -104,7 +86,7 @@ def test_the_budget_counts_the_draft_once(tmp_path):
     rt = model._tensorstream
     assert rt.budget_plan.resident == resident + extra
     assert extra < ts.estimate_model_memory(rt.draft), "the shared embedding and norm count once"
-    _generate(model, input_ids())
+    generate(model, input_ids())
     s = ts.get_model_statistics(model)
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
     assert not any(k.startswith("_tensorstream") for k in model.state_dict()), (
@@ -118,7 +100,7 @@ def test_a_tensor_the_model_streams_is_the_drafts_own_copy(tmp_path):
     counted in the budget, and drafts from real values (a perfect acceptance shows it: the
     int8 draft of this model drafts every token right at greedy)."""
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     model = tiny_llama(tied=False, seed=3, layers=LAYERS)
     embedding = model.model.embed_tokens.weight
     copy_bytes = embedding.numel() * embedding.element_size()
@@ -132,7 +114,7 @@ def test_a_tensor_the_model_streams_is_the_drafts_own_copy(tmp_path):
     assert rt.budget_plan.resident - ts.estimate_model_memory(model) + sum(u.nbytes for u in rt.units) == (
         _draft_bytes(model) + copy_bytes
     )
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     s = ts.get_model_statistics(model)
     assert s["speculative"]["acceptance"] > 0
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
@@ -179,11 +161,11 @@ def test_building_the_draft_changes_nothing_in_the_model():
 
 def test_a_gpt2_draft_quantizes_its_conv1d_layers(tmp_path):
     ids = input_ids()
-    want = _generate(tiny_gpt2(seed=3, layers=LAYERS), ids)
+    want = generate(tiny_gpt2(seed=3, layers=LAYERS), ids)
     model = ts.offload(tiny_gpt2(seed=3, layers=LAYERS), ts.Config(tmp_path, backend="pread"), draft="int8")
     draft = model._tensorstream.draft
     assert isinstance(draft.transformer.h[0].attn.c_attn, Int8WeightOnlyLinear)
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     assert ts.get_model_statistics(model)["speculative"]["acceptance"] > 0
 
 
@@ -215,9 +197,9 @@ def test_an_unknown_draft_string_is_refused(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_the_int8_draft_moves_with_the_model_and_keeps_its_tokens(tmp_path):
     ids = input_ids().cuda()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS).cuda(), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS).cuda(), ids)
     model = _offload_int8(tmp_path, tiny_llama(tied=False, seed=3, layers=LAYERS)).to("cuda")
     draft = model._tensorstream.draft
     assert draft.model.layers[0].mlp.up_proj.qweight.device.type == "cuda"
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     assert ts.get_model_statistics(model)["speculative"]["acceptance"] > 0

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 import torch
-from conftest import GiB, budget_gb, input_ids, tiny_llama
+from conftest import VOCAB, GiB, budget_gb, input_ids, tiny_llama
 
 import tensorstream as ts
 from tensorstream import speculative
@@ -20,11 +20,24 @@ LAYERS = 6
 NEW = 20
 
 
-def _generate(model, ids, **kwargs):
+def generate(model, ids, **kwargs):
     with torch.no_grad():
         return model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, pad_token_id=0, **kwargs
         )
+
+
+def sampled_unoffloaded(ref, draft, ids, k: int):
+    """The tokens of the assisted sampled call (seed 5, top-k 20) of the un-offloaded `ref`
+    with `draft`, its knobs set as TensorStream sets them: k a pass, constant, no cut-off."""
+    cfg = draft.generation_config
+    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
+        k,
+        "constant",
+        0.0,
+    )
+    torch.manual_seed(5)
+    return generate(ref, ids, do_sample=True, top_k=20, assistant_model=draft)
 
 
 def _offload_with_draft(tmp_path, draft, room_units=2, **kwargs):
@@ -37,17 +50,17 @@ def _offload_with_draft(tmp_path, draft, room_units=2, **kwargs):
 @pytest.mark.parametrize("draft_seed", [3, 9], ids=["perfect draft", "another draft"])
 def test_greedy_tokens_are_those_of_plain_generation(tmp_path, draft_seed):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     # The perfect draft: the target's own weights, in memory. The other: a smaller model.
     draft = tiny_llama(tied=False, seed=draft_seed, layers=LAYERS if draft_seed == 3 else 2)
     model = _offload_with_draft(tmp_path, draft)
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     s = ts.get_model_statistics(model)["speculative"]
     assert s["drafted_per_pass"] == 8, "before any pass was measured"
     if draft_seed == 3:
         assert s["rejected"] == 0 and s["tokens_per_pass"] > 4, s
     # The second call drafts as many tokens as the first measured (timings: not asserted).
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     s = ts.get_model_statistics(model)["speculative"]
     assert s["calls"] == 2 and s["new_tokens"] == 2 * NEW
     assert s["accepted"] + s["rejected"] == s["drafted"] > 0
@@ -62,19 +75,11 @@ def test_sampled_tokens_are_those_of_the_same_assisted_call_unoffloaded(tmp_path
     draft = tiny_llama(tied=False, seed=9, layers=2)
     model = _offload_with_draft(tmp_path, draft)
     torch.manual_seed(5)
-    got = _generate(model, ids, do_sample=True, top_k=20)
+    got = generate(model, ids, do_sample=True, top_k=20)
     k = ts.get_model_statistics(model)["speculative"]["drafted_per_pass"]
 
-    ref, ref_draft = tiny_llama(tied=False, seed=3, layers=LAYERS), tiny_llama(tied=False, seed=9, layers=2)
-    cfg = ref_draft.generation_config
-    cfg.num_assistant_tokens, cfg.num_assistant_tokens_schedule, cfg.assistant_confidence_threshold = (
-        k,
-        "constant",
-        0.0,
-    )
-    torch.manual_seed(5)
-    want = _generate(ref, ids, do_sample=True, top_k=20, assistant_model=ref_draft)
-    assert torch.equal(got, want)
+    ref = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    assert torch.equal(got, sampled_unoffloaded(ref, tiny_llama(tied=False, seed=9, layers=2), ids, k))
     # Sampling draws random numbers in the draft too: nothing is drafted ahead, out of turn.
     assert ts.get_model_statistics(model)["speculative"]["drafted_ahead_passes"] == 0
 
@@ -91,7 +96,7 @@ def test_the_draft_counts_in_the_budget(tmp_path):
     assert rt.budget_plan.resident == ts.estimate_model_memory(draft) + ts.estimate_model_memory(model) - sum(
         u.nbytes for u in rt.units
     )
-    _generate(model, input_ids())
+    generate(model, input_ids())
     s = ts.get_model_statistics(model)
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
     assert not any(k.startswith("_tensorstream") for k in model.state_dict()), (
@@ -101,15 +106,15 @@ def test_the_draft_counts_in_the_budget(tmp_path):
 
 def test_a_call_that_names_its_assistant_or_its_knobs_keeps_them(tmp_path):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     draft = tiny_llama(tied=False, seed=9, layers=2)
     model = _offload_with_draft(tmp_path, draft)
     other = tiny_llama(tied=False, seed=3, layers=2)
     other.generation_config.num_assistant_tokens = 3
-    assert torch.equal(_generate(model, ids, assistant_model=other), want)
+    assert torch.equal(generate(model, ids, assistant_model=other), want)
     s = ts.get_model_statistics(model)["speculative"]
     assert s["drafted_per_pass"] == 3 and other.generation_config.num_assistant_tokens == 3
-    assert torch.equal(_generate(model, ids, num_assistant_tokens=5), want)
+    assert torch.equal(generate(model, ids, num_assistant_tokens=5), want)
     assert ts.get_model_statistics(model)["speculative"]["drafted_per_pass"] == 5
 
 
@@ -117,10 +122,10 @@ def test_calls_transformers_cannot_assist_run_plain(tmp_path):
     """A batch of several sequences, or beam search: generate() runs without the draft."""
     ids = input_ids(batch=2)
     ref = tiny_llama(tied=False, seed=3, layers=LAYERS)
-    want, beams = _generate(ref, ids), _generate(ref, ids[:1], num_beams=2)
+    want, beams = generate(ref, ids), generate(ref, ids[:1], num_beams=2)
     model = _offload_with_draft(tmp_path, tiny_llama(tied=False, seed=9, layers=2))
-    assert torch.equal(_generate(model, ids), want)
-    assert torch.equal(_generate(model, ids[:1], num_beams=2), beams)
+    assert torch.equal(generate(model, ids), want)
+    assert torch.equal(generate(model, ids[:1], num_beams=2), beams)
     assert ts.get_model_statistics(model)["speculative"]["calls"] == 0
 
 
@@ -161,7 +166,7 @@ def _draft_threads() -> list:
 
 def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_injection):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
     model = _offload_with_draft(tmp_path, draft)
     # Every read of the target takes 30 ms more: a verification pass lasts long enough that
@@ -175,7 +180,7 @@ def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_i
         with_kwargs=True,
     )
     try:
-        assert torch.equal(_generate(model, ids, num_assistant_tokens=4), want)
+        assert torch.equal(generate(model, ids, num_assistant_tokens=4), want)
     finally:
         handle.remove()
         model._tensorstream.engine.set_fault_plan()
@@ -195,9 +200,9 @@ def test_a_draft_that_misses_drafts_ahead_only_what_it_can_use(tmp_path):
     """Candidates drafted ahead are used only when the pass before accepted all its own
     and the target's token was the one guessed; tokens stay those of plain generation."""
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     model = _offload_with_draft(tmp_path, tiny_llama(tied=False, seed=9, layers=2))
-    assert torch.equal(_generate(model, ids, num_assistant_tokens=3), want)
+    assert torch.equal(generate(model, ids, num_assistant_tokens=3), want)
     s = ts.get_model_statistics(model)["speculative"]
     assert s["drafted_ahead_passes"] <= s["verification_passes"] - 1
     assert s["accepted"] + s["rejected"] == s["drafted"]
@@ -205,7 +210,7 @@ def test_a_draft_that_misses_drafts_ahead_only_what_it_can_use(tmp_path):
 
 def test_an_interrupt_while_the_draft_drafts_ahead_leaves_the_model_usable(tmp_path):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
     model = _offload_with_draft(tmp_path, draft)
     rt = model._tensorstream
@@ -219,17 +224,17 @@ def test_an_interrupt_while_the_draft_drafts_ahead_leaves_the_model_usable(tmp_p
 
     handle = layer.register_forward_pre_hook(interrupt)
     with pytest.raises(KeyboardInterrupt, match="injected"):
-        _generate(model, ids)
+        generate(model, ids)
     handle.remove()
     assert not _draft_threads(), "nothing drafts once generate() has raised"
     assert draft.generation_config.num_assistant_tokens is None
     assert not rt.speculation.lock.locked()
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
 
 
 def test_an_error_of_the_draft_ahead_is_raised_by_generate(tmp_path):
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
     model = _offload_with_draft(tmp_path, draft)
     forwards = []
@@ -241,20 +246,20 @@ def test_an_error_of_the_draft_ahead_is_raised_by_generate(tmp_path):
 
     handle = draft.register_forward_pre_hook(fail)
     with pytest.raises(RuntimeError, match="the draft failed"):
-        _generate(model, ids, num_assistant_tokens=4)
+        generate(model, ids, num_assistant_tokens=4)
     handle.remove()
     assert not _draft_threads()
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
 
 
 def test_two_threads_generate_with_one_draft(tmp_path):
     """Assisted calls on one model take turns with the draft (its knobs are set per call)."""
     ids = input_ids()
-    want = _generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
     draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
     model = _offload_with_draft(tmp_path, draft)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        outs = list(pool.map(lambda _: _generate(model, ids), range(4)))
+        outs = list(pool.map(lambda _: generate(model, ids), range(4)))
     assert all(torch.equal(o, want) for o in outs)
     assert draft.generation_config.num_assistant_tokens is None
     assert ts.get_model_statistics(model)["speculative"]["calls"] == 4
@@ -263,7 +268,7 @@ def test_two_threads_generate_with_one_draft(tmp_path):
 def test_from_pretrained_takes_a_draft(tmp_path):
     ids = input_ids()
     ref = tiny_llama(tied=False, seed=3, layers=LAYERS)
-    want = _generate(ref, ids)
+    want = generate(ref, ids)
     ref.save_pretrained(tmp_path / "ckpt")
     draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
     budget = budget_gb(ref, 2) + ts.estimate_model_memory(draft) / GiB
@@ -274,7 +279,45 @@ def test_from_pretrained_takes_a_draft(tmp_path):
         small = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 2), backend="pread")
         ts.from_pretrained(str(tmp_path / "ckpt"), small, draft=draft)
     model = ts.from_pretrained(str(tmp_path / "ckpt"), cfg, draft=draft)
-    assert torch.equal(_generate(model, ids), want)
+    assert torch.equal(generate(model, ids), want)
     s = ts.get_model_statistics(model)
     assert s["speculative"]["rejected"] == 0 and s["speculative"]["calls"] == 1
     assert s["peak_usage_bytes"] <= s["budget_bytes"]
+
+
+def test_a_draft_whose_cache_cannot_go_back_drafts_in_turn(tmp_path):
+    """A sliding-window draft's cache forgets what a miss would crop back to: it drafts in
+    turn (drafting ahead, it crashed in transformers' cache once past the window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    ids = input_ids()
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids)
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=4,
+    )
+    torch.manual_seed(9)
+    draft = MistralForCausalLM(cfg).eval()
+    model = _offload_with_draft(tmp_path, draft)
+    assert torch.equal(generate(model, ids, num_assistant_tokens=4), want)
+    assert ts.get_model_statistics(model)["speculative"]["drafted_ahead_passes"] == 0
+
+
+def test_a_call_with_a_stateful_logits_processor_drafts_in_turn(tmp_path):
+    """A watermark's processor draws from its own random generator: the draft ahead would
+    apply it in its thread while the target applies it, so the call drafts in turn."""
+    from transformers import WatermarkingConfig
+
+    ids = input_ids()
+    mark = WatermarkingConfig(bias=2.0, seeding_scheme="selfhash")
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS), ids, watermarking_config=mark)
+    model = _offload_with_draft(tmp_path, tiny_llama(tied=False, seed=3, layers=LAYERS))
+    assert torch.equal(generate(model, ids, num_assistant_tokens=4, watermarking_config=mark), want)
+    s = ts.get_model_statistics(model)["speculative"]
+    assert s["drafted_ahead_passes"] == 0 and s["verification_passes"] > 1, s

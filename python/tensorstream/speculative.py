@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation import logits_process as lp
 from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 from .errors import InvalidArgumentError
@@ -36,6 +38,26 @@ DRAFT_AHEAD = True
 off only to measure what it gains (``bench/speculative.py``)."""
 
 KNOBS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+STATELESS_PROCESSORS = (
+    lp.MinLengthLogitsProcessor,
+    lp.MinNewTokensLengthLogitsProcessor,
+    lp.RepetitionPenaltyLogitsProcessor,
+    lp.EncoderRepetitionPenaltyLogitsProcessor,
+    lp.NoRepeatNGramLogitsProcessor,
+    lp.EncoderNoRepeatNGramLogitsProcessor,
+    lp.ForcedBOSTokenLogitsProcessor,
+    lp.ForcedEOSTokenLogitsProcessor,
+    lp.InfNanRemoveLogitsProcessor,
+    lp.ExponentialDecayLengthPenalty,
+    lp.LogitNormalization,
+    lp.SuppressTokensAtBeginLogitsProcessor,
+    lp.SuppressTokensLogitsProcessor,
+)
+"""transformers' logits processors that are functions of their inputs alone. The draft ahead
+applies the call's processors in its thread while the target applies them to its own
+logits, so a call with any other (a watermark's random generator, a processor that
+prepares state on first use, one the user wrote) drafts in turn."""
 
 
 def check_draft(draft, model: nn.Module) -> None:
@@ -129,7 +151,8 @@ class Speculation:
     drafted: int = 0
     """Drafted tokens the target verified."""
     draft_tokens: int = 0
-    """Tokens the draft computed: those drafted, and those drafted ahead and not used."""
+    """Tokens the draft computed (one a forward): those drafted, and those drafted ahead
+    and not used."""
     draft_seconds: float = 0.0
     """The draft's forward time for them, whether it ran in turn with the target or ahead."""
     pass_seconds: float = 0.0
@@ -204,7 +227,12 @@ def _assisted(rt, generate, args, kwargs, ids, draft):
     spec = rt.speculation
     gcfg = draft.generation_config
     saved = {k: getattr(gcfg, k, None) for k in KNOBS}
-    ahead = not _sampling(rt.model, kwargs)
+    ahead = (  # what Lookahead.applies will find, as far as it is known before the call
+        DRAFT_AHEAD
+        and not _sampling(rt.model, kwargs)
+        and (saved["num_assistant_tokens_schedule"] or "constant") == "constant"
+        and not saved["assistant_confidence_threshold"]
+    )
     k = kwargs.pop("num_assistant_tokens", None) or saved["num_assistant_tokens"] or spec.choose(rt, ahead)
     gcfg.num_assistant_tokens = k
     if saved["num_assistant_tokens_schedule"] is None:
@@ -254,8 +282,8 @@ _calls = threading.local()
 
 
 def candidate_generator(orig, **kwargs):
-    """``model._get_candidate_generator`` of an offloaded model: transformers' own, counted
-    and drafting ahead where that cannot change which tokens it drafts (:class:`Lookahead`)."""
+    """``model._get_candidate_generator`` of an offloaded model: transformers' own, counted,
+    and drafting ahead where that cannot change the target's tokens (:class:`Lookahead`)."""
     gen = orig(**kwargs)
     open_ = getattr(_calls, "open", None)
     if open_ is None or not isinstance(gen, AssistedCandidateGenerator):
@@ -279,7 +307,10 @@ class Lookahead:
     (up to the last bit of its cache: in turn, its own last token is fed again beside the
     target's, see :meth:`_draft_after_own`); only
     greedy calls with a constant number of drafted tokens use it, so no random number is
-    drawn out of turn and nothing else reads the generator meanwhile.
+    drawn out of turn and nothing else reads the generator meanwhile; only calls whose
+    logits processors keep no state (:data:`STATELESS_PROCESSORS`: the thread applies them
+    too); and only a draft whose cache layers are plain ``DynamicLayer``s, which a miss can
+    crop back to any length (a sliding window or a recurrent state cannot go back).
     """
 
     def __init__(self, gen: AssistedCandidateGenerator, ahead: bool):
@@ -302,6 +333,7 @@ class Lookahead:
             and g is not None
             and g.num_assistant_tokens_schedule == "constant"
             and not g.assistant_confidence_threshold
+            and all(type(p) in STATELESS_PROCESSORS for p in gen.logits_processor)
         )
 
     def __getattr__(self, name):
@@ -340,6 +372,10 @@ class Lookahead:
         gen = self.gen
         k = gen.num_assistant_tokens
         if gen.main_model_max_length - ids.shape[-1] - 2 < 1:
+            return
+        cache = gen.assistant_kwargs.get("cache")
+        if not (isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)):
+            self.ahead = False  # see the class's docstring
             return
         box: dict = {}
 
