@@ -305,12 +305,15 @@ class Lookahead:
     drafts from what was accepted, as it would have. The draft drafts greedily either way,
     through the same generator, so the candidates are those it would have drafted in turn
     (up to the last bit of its cache: in turn, its own last token is fed again beside the
-    target's, see :meth:`_draft_after_own`); only
-    greedy calls with a constant number of drafted tokens use it, so no random number is
-    drawn out of turn and nothing else reads the generator meanwhile; only calls whose
-    logits processors keep no state (:data:`STATELESS_PROCESSORS`: the thread applies them
-    too); and only a draft whose cache layers are plain ``DynamicLayer``s, which a miss can
-    crop back to any length (a sliding window or a recurrent state cannot go back).
+    target's, see :meth:`_draft_after_own`).
+
+    It drafts ahead only where the target's tokens cannot change:
+    - greedy calls with a constant number of drafted tokens: no random number is drawn out
+      of turn, and nothing else reads the generator meanwhile;
+    - logits processors that keep no state (:data:`STATELESS_PROCESSORS`): the thread
+      applies them while the target does;
+    - a draft whose cache layers are plain ``DynamicLayer``s, which a miss can crop back to
+      any length (a sliding window or a recurrent state cannot go back).
     """
 
     def __init__(self, gen: AssistedCandidateGenerator, ahead: bool):
