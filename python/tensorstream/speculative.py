@@ -227,18 +227,13 @@ def _assisted(rt, generate, args, kwargs, ids, draft):
     spec = rt.speculation
     gcfg = draft.generation_config
     saved = {k: getattr(gcfg, k, None) for k in KNOBS}
-    ahead = (  # what Lookahead.applies will find, as far as it is known before the call
-        DRAFT_AHEAD
-        and not _sampling(rt.model, kwargs)
-        and (saved["num_assistant_tokens_schedule"] or "constant") == "constant"
-        and not saved["assistant_confidence_threshold"]
-    )
-    k = kwargs.pop("num_assistant_tokens", None) or saved["num_assistant_tokens"] or spec.choose(rt, ahead)
-    gcfg.num_assistant_tokens = k
     if saved["num_assistant_tokens_schedule"] is None:
         gcfg.num_assistant_tokens_schedule = "constant"
     if saved["assistant_confidence_threshold"] is None:
         gcfg.assistant_confidence_threshold = 0.0  # draft all k: a streamed pass costs the same
+    ahead = _may_draft_ahead(_sampling(rt.model, kwargs), gcfg)  # as far as known before the call
+    k = kwargs.pop("num_assistant_tokens", None) or saved["num_assistant_tokens"] or spec.choose(rt, ahead)
+    gcfg.num_assistant_tokens = k
     timing = _DraftTiming(draft)
     c = rt.counters
     passes, pass_s = c.passes, c.pass_seconds
@@ -330,12 +325,9 @@ class Lookahead:
     def applies(gen, generation_config) -> bool:
         g = getattr(gen, "assistant_generation_config", None)
         return (
-            DRAFT_AHEAD
-            and type(gen) is AssistedCandidateGenerator
-            and not generation_config.do_sample
+            type(gen) is AssistedCandidateGenerator
             and g is not None
-            and g.num_assistant_tokens_schedule == "constant"
-            and not g.assistant_confidence_threshold
+            and _may_draft_ahead(generation_config.do_sample, g)
             and all(type(p) in STATELESS_PROCESSORS for p in gen.logits_processor)
         )
 
@@ -424,6 +416,18 @@ class Lookahead:
             raise box["error"]
         ids, logits = box["out"]
         return None if logits is None else (ids, logits, start)
+
+
+def _may_draft_ahead(sampling: bool, draft_config) -> bool:
+    """Whether a call may draft ahead, as far as the call's sampling and the draft's knobs
+    (`draft_config`: its ``generation_config``) tell: greedy, a constant number of drafted
+    tokens, no confidence cut-off (:class:`Lookahead` says why)."""
+    return (
+        DRAFT_AHEAD
+        and not sampling
+        and draft_config.num_assistant_tokens_schedule == "constant"
+        and not draft_config.assistant_confidence_threshold
+    )
 
 
 def _sampling(model, kwargs) -> bool:
