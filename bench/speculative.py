@@ -130,13 +130,16 @@ def main() -> None:
     # other drafts (sharing what the target keeps resident, it takes less).
     int8_bytes = ts.estimate_model_memory(build_int8_draft(build_llama(cfg, torch.float32)))
     cases.append(('self-built draft (draft="int8")', "int8", int8_bytes, None))
-    verify_s = {}  # tokens a forward verifies -> seconds of the target's forward in memory
+    alone = {}  # (model, tokens) -> seconds of that forward in memory, measured once
+
+    def alone_s(model, n: int) -> float:
+        if (model, n) not in alone:
+            alone[model, n] = forward_seconds(model, ids, n)
+        return alone[model, n]
 
     def compute_limit(tokens_per_pass: float, verified: int, draft_forwards: float, draft_model) -> float:
-        if verified not in verify_s:
-            verify_s[verified] = forward_seconds(ref, ids, verified)
-        draft_s = draft_forwards * forward_seconds(draft_model, ids, 1) if draft_forwards else 0.0
-        return tokens_per_pass / (verify_s[verified] + draft_s)
+        draft_s = draft_forwards * alone_s(draft_model, 1) if draft_forwards else 0.0
+        return tokens_per_pass / (alone_s(ref, verified) + draft_s)
 
     for name, draft, draft_bytes, k in cases:
         model = offloaded(draft, draft_bytes)
