@@ -63,6 +63,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def pinned_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes/s of copies from pinned host memory to the GPU (the PCIe link's measured rate)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    sync()
+    bw = nbytes * reps / (time.perf_counter() - t0)
+    del src, dst
+    return bw
+
+
 def time_generate(model, ids: torch.Tensor, new_tokens: int, **kwargs):
     """(tokens per second of generated tokens, output ids) for one greedy generate();
     `kwargs` go to generate()."""

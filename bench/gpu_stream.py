@@ -28,21 +28,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import build_llama, llama_config, machine, print_table, sync, time_generate  # noqa: E402
-
-
-def pinned_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src, non_blocking=True)
-    sync()
-    bw = nbytes * reps / (time.perf_counter() - t0)
-    del src, dst
-    return bw
+from _common import (  # noqa: E402
+    build_llama,
+    llama_config,
+    machine,
+    pinned_bandwidth,
+    print_table,
+    time_generate,
+)
 
 
 def free_cuda():
