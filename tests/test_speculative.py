@@ -196,6 +196,25 @@ def test_greedy_drafts_the_next_pass_while_the_target_verifies(tmp_path, fault_i
     assert not _draft_threads()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_the_draft_ahead_keeps_the_tokens_on_the_callers_stream(tmp_path):
+    """On a GPU the draft drafts ahead with its kernels on the caller's stream, here not the
+    default one: the candidates the target reads are those the draft finished."""
+    ids = input_ids().cuda()
+    want = generate(tiny_llama(tied=False, seed=3, layers=LAYERS).cuda(), ids)
+    draft = tiny_llama(tied=False, seed=3, layers=LAYERS)
+    model = _offload_with_draft(tmp_path, draft).to("cuda")
+    assert next(draft.parameters()).device.type == "cuda", "the draft moves with the model"
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = generate(model, ids, num_assistant_tokens=4)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    s = ts.get_model_statistics(model)["speculative"]
+    assert s["drafted_ahead_passes"] == 3 and s["rejected"] == 0, s
+
+
 def test_a_draft_that_misses_drafts_ahead_only_what_it_can_use(tmp_path):
     """Candidates drafted ahead are used only when the pass before accepted all its own
     and the target's token was the one guessed; tokens stay those of plain generation."""

@@ -373,11 +373,18 @@ class Lookahead:
             self.ahead = False  # see the class's docstring
             return
         box: dict = {}
+        # On a GPU the draft enqueues its kernels on the caller's stream (a new thread starts on
+        # the default one): the caller's work on the candidates, and on the draft's cache after
+        # a miss, is then ordered after them, with no synchronisation and no tensor used on two
+        # streams. The overlap is the CPU's: launching the draft's kernels while the target waits.
+        dev = gen.assistant_model.device
+        stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
         def run():
             gen.num_assistant_tokens = k + 1
             try:
-                box["out"] = self._draft_after_own(ids)
+                with torch.cuda.stream(stream):  # no-op for None
+                    box["out"] = self._draft_after_own(ids)
             except BaseException as e:  # re-raised where the result is taken
                 box["error"] = e
             finally:
