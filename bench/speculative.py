@@ -14,7 +14,7 @@ default backend). Greedy tokens after an 8-token prompt, all in one run:
 - a small separate draft (2 layers of the same shape, other random weights) at the k
   TensorStream chooses;
 - the draft built from the target itself (``draft="int8"``: its linear layers in int8,
-  weight-only) at the k TensorStream chooses.
+  weight-only) at the k TensorStream chooses (and at `--int8-ks`).
 
 Greedy calls draft the next pass while the target verifies this one (``Lookahead``).
 
@@ -30,7 +30,7 @@ verifies, plus the draft's forwards: those it drafted and those drafted ahead an
 Tokens are checked against the model in memory.
 
 Usage: python bench/speculative.py [--device cpu|cuda] [--workdir DIR] [--reps 3]
-[--tokens 24] [--ks 2,4,8,16]
+[--tokens 24] [--ks 2,4,8,16] [--int8-ks 4,8,16]
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def main() -> None:
         "--ks", default=None, help="the perfect draft's k, comma-separated (2,4,8,16; 8 on a GPU)"
     )
     ap.add_argument(
+        "--int8-ks", default="", help="the self-built draft's k besides the chosen one, comma-separated"
+    )
+    ap.add_argument(
         "--share", type=float, default=0.3, help="CPU: the target's budget, as a share of its size"
     )
     ap.add_argument("--budget-gb", type=float, default=3.0, help="GPU: the target's budget in GiB")
@@ -161,7 +164,8 @@ def main() -> None:
     # The budget gives the int8 draft room as if it shared nothing with the target, as for the
     # other drafts (sharing what the target keeps resident, it takes less).
     int8_bytes = ts.estimate_model_memory(build_int8_draft(ref))
-    cases.append(('self-built draft (draft="int8")', "int8", int8_bytes, None))
+    int8_ks = [int(k) for k in args.int8_ks.split(",") if k]
+    cases += [('self-built draft (draft="int8")', "int8", int8_bytes, k) for k in int8_ks + [None]]
     streamed = "bytes_h2d" if gpu else "bytes_read"
     alone = {}  # (model, tokens) -> seconds of that forward in memory, measured once
 
