@@ -24,16 +24,28 @@
 //! ([`CodeFamily::Table`]): a fixed-width code that torch decodes on the device with a
 //! handful of elementwise operations, so that the PCIe link carries coded bytes. It codes
 //! bf16 about 1.3x where the Huffman planes give 1.5x; both decode on the CPU.
+//!
+//! Here: the registry of codecs and chunk modes (their names and limits), and the
+//! [`Encoder`] and [`Decoder`] that hand each chunk to its code. The `bytegroup` module
+//! holds the byte-grouped code (the choice of [`PlaneCoder`] per plane, a grouped chunk's
+//! header and planes), helped by [`huffman`], [`split`] and the grouping itself (`group`);
+//! [`table`] the table code; `bench` whole buffers coded or decoded in one call
+//! ([`encode_all`], [`decode_parallel`] and the like), for tests, tools and benchmarks.
 
+mod bench;
+mod bytegroup;
 mod group;
 pub mod huffman;
 pub mod split;
 pub mod table;
 
+pub use bench::{decode_all, decode_parallel, encode_all, encode_all_with, encode_parallel};
+pub use bytegroup::PlaneCoder;
 pub use group::{group, interleave, ungroup};
 
 use crate::error::{Error, Result};
 use crate::store::CHECKSUM_CHUNK;
+use bytegroup::{GroupedDecoder, GroupedEncoder};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
@@ -165,51 +177,11 @@ impl<'de> Deserialize<'de> for ChunkMode {
     }
 }
 
-/// How one plane of a grouped chunk is coded (its tag byte in the chunk header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum PlaneCoder {
-    /// The plane's bytes as they are.
-    Raw = 0,
-    /// A zstd frame.
-    Zstd = 1,
-    /// A [`huffman`] payload.
-    Huffman = 2,
-    /// The plane split at bit 2: its top six bits a [`huffman`] payload, its low two bits
-    /// packed four to a byte ([`split`]). Where a byte's Huffman code averages several
-    /// bits (fp16's sign-exponent-mantissa byte: about 5.5), the six-bit values code about
-    /// as small and decode about twice as many symbols per table lookup.
-    Split = 3,
-}
-
-/// Bytes of a grouped chunk's header: per plane, a coder tag and a u32 LE payload length.
-const fn header_len(width: usize) -> usize {
-    5 * width
-}
-
-/// Planes whose order-0 entropy is at least this (bits per byte) are stored raw without
-/// trying a coder: mantissa bytes.
-const RAW_ENTROPY: f64 = 7.9;
-
-/// A plane is Huffman-coded only if that brings it below this fraction of its size: a
-/// plane that barely shrinks (the top mantissa bits of fp32) is faster to copy than to decode.
-const HUFFMAN_KEEP: f64 = 0.92;
-
-/// How much larger than the byte-wise Huffman code, as a fraction of the plane, the split
-/// code may be and still be chosen, for its faster decoding (fp16: about 0.6% larger).
-const SPLIT_ALLOWANCE: f64 = 0.02;
-
-/// Bytes at the start of a plane that zstd codes first, to see if coding the whole plane
-/// with it could pay.
-const ZSTD_SAMPLE: usize = 128 << 10;
-
 /// Codes chunks. One per writer thread; it keeps its zstd context and scratch memory.
 pub struct Encoder {
     level: i32,
-    cctx: zstd::bulk::Compressor<'static>,
-    planes: Vec<u8>,
+    grouped: GroupedEncoder,
     out: Vec<u8>,
-    zbuf: Vec<u8>,
 }
 
 impl Encoder {
@@ -222,15 +194,11 @@ impl Encoder {
                 LEVELS.end()
             )));
         }
-        let cctx = zstd::bulk::Compressor::new(level).map_err(|e| {
-            Error::InvalidArgument(format!("zstd compressor at level {level}: {e}"))
-        })?;
+        let grouped = GroupedEncoder::new(level)?;
         Ok(Encoder {
             level,
-            cctx,
-            planes: Vec::new(),
+            grouped,
             out: Vec::new(),
-            zbuf: Vec::new(),
         })
     }
 
@@ -256,24 +224,7 @@ impl Encoder {
                 raw.len()
             )));
         }
-        let plane_len = raw.len() / w;
-        let planes: &[u8] = if w == 1 {
-            raw
-        } else {
-            self.planes.resize(plane_len * w, 0);
-            group(&raw[..plane_len * w], w, &mut self.planes);
-            &self.planes
-        };
-        self.out.resize(header_len(w), 0);
-        for k in 0..w {
-            let plane = &planes[k * plane_len..(k + 1) * plane_len];
-            let at = self.out.len();
-            let coder = code_plane(&mut self.cctx, &mut self.zbuf, plane, &mut self.out)?;
-            let n = (self.out.len() - at) as u32;
-            self.out[5 * k] = coder as u8;
-            self.out[5 * k + 1..5 * k + 5].copy_from_slice(&n.to_le_bytes());
-        }
-        self.out.extend_from_slice(&raw[plane_len * w..]);
+        self.grouped.encode(raw, w, &mut self.out)?;
         // Strictly below 0.95 of the raw size, as integers: coded * 100 < raw * 95.
         if self.out.len() as u64 * KEEP_CODED_DEN >= raw.len() as u64 * KEEP_CODED_NUM {
             return Ok(None);
@@ -320,92 +271,16 @@ impl Encoder {
     }
 }
 
-/// Append `plane` coded with the best coder to `out`; returns the coder.
-fn code_plane(
-    cctx: &mut zstd::bulk::Compressor<'static>,
-    zbuf: &mut Vec<u8>,
-    plane: &[u8],
-    out: &mut Vec<u8>,
-) -> Result<PlaneCoder> {
-    let n = plane.len();
-    if n == 0 {
-        return Ok(PlaneCoder::Raw);
-    }
-    let mut freq = [0u64; 256];
-    for &b in plane {
-        freq[b as usize] += 1;
-    }
-    let entropy: f64 = freq
-        .iter()
-        .filter(|&&f| f > 0)
-        .map(|&f| {
-            let p = f as f64 / n as f64;
-            -p * p.log2()
-        })
-        .sum();
-    if entropy >= RAW_ENTROPY {
-        out.extend_from_slice(plane);
-        return Ok(PlaneCoder::Raw);
-    }
-    let lens = huffman::code_lengths(&freq);
-    let mut huff = huffman::encoded_size(&freq, &lens);
-    // The six-bit split, where it codes nearly as small (within SPLIT_ALLOWANCE of the
-    // plane): it decodes faster. Its histogram is the byte histogram's, four values to one.
-    let freq6: [u64; 256] = std::array::from_fn(|v| {
-        if v < 64 {
-            freq[4 * v..4 * v + 4].iter().sum()
-        } else {
-            0
-        }
-    });
-    let lens6 = huffman::code_lengths(&freq6);
-    let split_size = split::encoded_size(n, huffman::encoded_size(&freq6, &lens6));
-    let use_split = split_size as f64 <= huff as f64 + SPLIT_ALLOWANCE * n as f64;
-    if use_split {
-        huff = split_size;
-    }
-    // zstd only where it is clearly smaller (repeats that an order-0 code cannot see):
-    // Huffman decodes faster. A sample tells whether zstd is worth trying on the plane.
-    let mut zstd = |data: &[u8]| {
-        zbuf.resize(zstd::zstd_safe::compress_bound(data.len()), 0);
-        cctx.compress_to_buffer(data, &mut zbuf[..])
-            .map_err(|e| Error::InvalidArgument(format!("zstd compression failed: {e}")))
-    };
-    let sample = &plane[..n.min(ZSTD_SAMPLE)];
-    let promising = sample.len() == n
-        || (zstd(sample)? as f64) < 0.8 * huff as f64 * sample.len() as f64 / n as f64;
-    let z = if promising { zstd(plane)? } else { usize::MAX };
-    if z < n && (z as f64) < 0.9 * huff as f64 {
-        out.extend_from_slice(&zbuf[..z]);
-        Ok(PlaneCoder::Zstd)
-    } else if (huff as f64) < HUFFMAN_KEEP * n as f64 {
-        if use_split {
-            split::encode(plane, &lens6, out);
-            Ok(PlaneCoder::Split)
-        } else {
-            huffman::encode(plane, &lens, out);
-            Ok(PlaneCoder::Huffman)
-        }
-    } else {
-        out.extend_from_slice(plane);
-        Ok(PlaneCoder::Raw)
-    }
-}
-
 /// Decodes chunks. One per I/O worker; it keeps its zstd context and plane scratch.
 pub struct Decoder {
-    dctx: zstd::bulk::Decompressor<'static>,
-    planes: Vec<u8>,
+    grouped: GroupedDecoder,
 }
 
 impl Decoder {
     /// A decoder.
     pub fn new() -> Result<Self> {
-        let dctx = zstd::bulk::Decompressor::new()
-            .map_err(|e| Error::InvalidArgument(format!("zstd decompressor: {e}")))?;
         Ok(Decoder {
-            dctx,
-            planes: Vec::new(),
+            grouped: GroupedDecoder::new()?,
         })
     }
 
@@ -424,7 +299,7 @@ impl Decoder {
                 dst.len()
             ));
         }
-        let width = match mode {
+        match mode {
             ChunkMode::Raw => {
                 if stored.len() != dst.len() {
                     return Err(format!(
@@ -434,251 +309,13 @@ impl Decoder {
                     ));
                 }
                 dst.copy_from_slice(stored);
-                return Ok(());
+                Ok(())
             }
-            ChunkMode::Grouped { width } if matches!(width, 1 | 2 | 4 | 8) => width as usize,
-            ChunkMode::Grouped { width } => return Err(format!("invalid grouping width {width}")),
-            ChunkMode::Table { width } => return table::decode(stored, width as usize, dst),
-        };
-        let plane_len = dst.len() / width;
-        let tail = dst.len() - plane_len * width;
-        let head = header_len(width);
-        if stored.len() < head + tail {
-            return Err(format!(
-                "coded chunk of {} bytes is shorter than its {head}-byte header and {tail}-byte tail",
-                stored.len()
-            ));
-        }
-        let mut planes_meta = [(0u8, 0usize); 8];
-        let mut total = head + tail;
-        for (k, m) in planes_meta.iter_mut().take(width).enumerate() {
-            let len = u32::from_le_bytes(stored[5 * k + 1..5 * k + 5].try_into().expect("4 bytes"));
-            *m = (stored[5 * k], len as usize);
-            total = total.saturating_add(len as usize);
-        }
-        if total != stored.len() {
-            return Err(format!(
-                "plane lengths {:?} plus header and tail make {total} bytes, the chunk has {}",
-                &planes_meta[..width],
-                stored.len()
-            ));
-        }
-        let (grouped, rest) = dst.split_at_mut(plane_len * width);
-        if width == 1 {
-            let (coder, len) = planes_meta[0];
-            decode_plane(&mut self.dctx, coder, &stored[head..head + len], grouped, 0)?;
-            rest.copy_from_slice(&stored[head + len..head + len + tail]);
-            return Ok(());
-        }
-        if self.planes.len() < plane_len * width {
-            self.planes.resize(plane_len * width, 0);
-        }
-        // A scratch plane for each stored plane; only those that need decoding use it: raw
-        // planes are interleaved straight from the stored bytes, without a copy.
-        let mut scratch = self.planes[..plane_len * width].chunks_mut(plane_len.max(1));
-        let mut slices: [&[u8]; 8] = [&[]; 8];
-        let mut pos = head;
-        for (k, &(coder, len)) in planes_meta.iter().take(width).enumerate() {
-            let payload = &stored[pos..pos + len];
-            pos += len;
-            let out = scratch.next().unwrap_or_default();
-            if width == 2 && k == 1 && coder == PlaneCoder::Split as u8 {
-                // fp16-like chunks: the high plane's six-bit values decode into the scratch
-                // and are joined with their low bits while interleaving, in one pass.
-                let packed =
-                    split::decode_high(payload, out).map_err(|e| format!("plane 1: {e}"))?;
-                split::interleave_low_high(slices[0], out, packed, grouped);
-                rest.copy_from_slice(&stored[pos..pos + tail]);
-                return Ok(());
+            ChunkMode::Grouped { width } if matches!(width, 1 | 2 | 4 | 8) => {
+                self.grouped.decode(width as usize, stored, dst)
             }
-            slices[k] = plane_bytes(&mut self.dctx, coder, payload, out, k)?;
+            ChunkMode::Grouped { width } => Err(format!("invalid grouping width {width}")),
+            ChunkMode::Table { width } => table::decode(stored, width as usize, dst),
         }
-        interleave(&slices[..width], grouped);
-        rest.copy_from_slice(&stored[pos..pos + tail]);
-        Ok(())
     }
-}
-
-/// A plane's bytes: a raw plane's are the stored bytes themselves (their length checked),
-/// any other plane is decoded into `scratch` (the plane's length).
-fn plane_bytes<'a>(
-    dctx: &mut zstd::bulk::Decompressor<'static>,
-    coder: u8,
-    payload: &'a [u8],
-    scratch: &'a mut [u8],
-    k: usize,
-) -> std::result::Result<&'a [u8], String> {
-    if coder == PlaneCoder::Raw as u8 {
-        check_raw_plane(payload, scratch.len(), k)?;
-        return Ok(payload);
-    }
-    decode_plane(dctx, coder, payload, scratch, k)?;
-    Ok(scratch)
-}
-
-/// A raw plane's payload must be the plane itself.
-fn check_raw_plane(payload: &[u8], plane_len: usize, k: usize) -> std::result::Result<(), String> {
-    if payload.len() != plane_len {
-        return Err(format!(
-            "raw plane {k} of {} bytes, expected {plane_len}",
-            payload.len()
-        ));
-    }
-    Ok(())
-}
-
-/// Decode one plane payload with its coder into `out` (the plane's length).
-fn decode_plane(
-    dctx: &mut zstd::bulk::Decompressor<'static>,
-    coder: u8,
-    payload: &[u8],
-    out: &mut [u8],
-    k: usize,
-) -> std::result::Result<(), String> {
-    match coder {
-        c if c == PlaneCoder::Raw as u8 => {
-            check_raw_plane(payload, out.len(), k)?;
-            out.copy_from_slice(payload);
-        }
-        c if c == PlaneCoder::Zstd as u8 => {
-            let n = dctx
-                .decompress_to_buffer(payload, out)
-                .map_err(|e| format!("plane {k}: zstd: {e}"))?;
-            if n != out.len() {
-                return Err(format!(
-                    "plane {k} decoded to {n} bytes, expected {}",
-                    out.len()
-                ));
-            }
-        }
-        c if c == PlaneCoder::Huffman as u8 => {
-            huffman::decode(payload, out).map_err(|e| format!("plane {k}: {e}"))?;
-        }
-        c if c == PlaneCoder::Split as u8 => {
-            split::decode(payload, out).map_err(|e| format!("plane {k}: {e}"))?;
-        }
-        c => return Err(format!("plane {k} has unknown coder {c}")),
-    }
-    Ok(())
-}
-
-/// Encode `raw` whole (any length) with the writer's chunking, for tests and benchmarks:
-/// returns, per chunk, the mode and the stored bytes.
-pub fn encode_all(raw: &[u8], width: u64, level: i32) -> Result<Vec<(ChunkMode, Vec<u8>)>> {
-    encode_all_with(CodeFamily::Bytegroup, raw, width, level)
-}
-
-/// [`encode_all`] with `family`'s code.
-pub fn encode_all_with(
-    family: CodeFamily,
-    raw: &[u8],
-    width: u64,
-    level: i32,
-) -> Result<Vec<(ChunkMode, Vec<u8>)>> {
-    let mut enc = Encoder::new(level)?;
-    let mut out = Vec::new();
-    for chunk in raw.chunks(CODEC_CHUNK as usize) {
-        out.push(match enc.encode_with(family, chunk, width)? {
-            Some(mode) => (mode, enc.coded().to_vec()),
-            None => (ChunkMode::Raw, chunk.to_vec()),
-        });
-    }
-    Ok(out)
-}
-
-/// Decode what [`encode_all`] produced into `dst` (the raw length).
-pub fn decode_all(
-    chunks: &[(ChunkMode, Vec<u8>)],
-    dst: &mut [u8],
-) -> std::result::Result<(), String> {
-    let mut dec = Decoder::new().map_err(|e| e.to_string())?;
-    let n = dst.len().div_ceil(CODEC_CHUNK as usize);
-    if chunks.len() != n {
-        return Err(format!(
-            "{} chunks for {} raw bytes, expected {n}",
-            chunks.len(),
-            dst.len()
-        ));
-    }
-    for ((mode, stored), out) in chunks.iter().zip(dst.chunks_mut(CODEC_CHUNK as usize)) {
-        dec.decode(*mode, stored, out)?;
-    }
-    Ok(())
-}
-
-/// [`encode_all_with`] on `threads` threads (chunks handed out in order), for benchmarks.
-pub fn encode_parallel(
-    family: CodeFamily,
-    raw: &[u8],
-    width: u64,
-    level: i32,
-    threads: usize,
-) -> Result<Vec<(ChunkMode, Vec<u8>)>> {
-    let pieces: Vec<&[u8]> = raw.chunks(CODEC_CHUNK as usize).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(vec![None; pieces.len()]);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut enc = Encoder::new(level)?;
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(chunk) = pieces.get(i) else {
-                            return Ok(());
-                        };
-                        let coded = match enc.encode_with(family, chunk, width)? {
-                            Some(mode) => (mode, enc.coded().to_vec()),
-                            None => (ChunkMode::Raw, chunk.to_vec()),
-                        };
-                        results.lock().expect("results")[i] = Some(coded);
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("encoder thread panicked"))
-    })?;
-    Ok(results
-        .into_inner()
-        .expect("results")
-        .into_iter()
-        .map(|c| c.expect("every chunk coded"))
-        .collect())
-}
-
-/// [`decode_all`] on `threads` threads, for benchmarks.
-pub fn decode_parallel(
-    chunks: &[(ChunkMode, Vec<u8>)],
-    dst: &mut [u8],
-    threads: usize,
-) -> std::result::Result<(), String> {
-    let n = dst.len().div_ceil(CODEC_CHUNK as usize);
-    if chunks.len() != n {
-        return Err(format!(
-            "{} chunks for {} raw bytes, expected {n}",
-            chunks.len(),
-            dst.len()
-        ));
-    }
-    let work = std::sync::Mutex::new(chunks.iter().zip(dst.chunks_mut(CODEC_CHUNK as usize)));
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| -> std::result::Result<(), String> {
-                    let mut dec = Decoder::new().map_err(|e| e.to_string())?;
-                    loop {
-                        let Some(((mode, stored), out)) = work.lock().expect("work").next() else {
-                            return Ok(());
-                        };
-                        dec.decode(*mode, stored, out)?;
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("decoder thread panicked"))
-    })
 }

@@ -14,35 +14,35 @@
 //! request also starts as many decode workers again, which take only coded chunks: while
 //! some threads decode, others keep the disk busy.
 //!
-//! Here: the [`Engine`], its settings and counters. `jobs` holds how a request becomes
-//! jobs (a read, a read and decode, or a fault-in of a mapped range) and the two priority
-//! queues; `tickets` a request's shared state and its completion; `workers` the worker
-//! threads' loop.
+//! Here: the [`Engine`] and its settings. The modules, each using only those before it:
+//! `pieces` how a request is split into pieces (a read, a read and decode, or a fault-in
+//! of a mapped range); `counters` the engine's counters; `checks` the checksum and tensor
+//! digest checks of a request; `tickets` a request's shared state and its completion;
+//! `jobs` the priorities, the jobs (a piece and its ticket) and the two priority queues;
+//! `shared` what the engine and its workers share; `workers` the worker threads' loop.
 
+mod checks;
+mod counters;
 mod jobs;
+mod pieces;
+mod shared;
 mod tickets;
 mod workers;
 
+pub use counters::EngineStats;
+pub use jobs::Priority;
 pub use tickets::Ticket;
 
 use crate::error::{Error, Result};
 use crate::io::ReadBackend;
 use crate::store::{UnitLayout, CHECKSUM_CHUNK};
-use jobs::{Job, Queues};
+use jobs::Job;
+use shared::Shared;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use tickets::TicketInner;
-
-/// Who is waiting for a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
-    /// Compute is (or soon will be) blocked on it.
-    Demand,
-    /// Read ahead of need; may be cancelled.
-    Prefetch,
-}
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -58,108 +58,6 @@ impl Default for EngineConfig {
         EngineConfig {
             num_threads: 4,
             chunk_bytes: 8 << 20,
-        }
-    }
-}
-
-/// Counters of the engine's work, all monotonic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Bytes read from files.
-    pub bytes_read: u64,
-    /// Requests submitted.
-    pub requests: u64,
-    /// Of those, submitted as demand.
-    pub demand_requests: u64,
-    /// Of those, submitted as prefetch.
-    pub prefetch_requests: u64,
-    /// Prefetches promoted to demand because somebody waited for them.
-    pub promoted: u64,
-    /// Requests cancelled.
-    pub cancelled: u64,
-    /// Requests that failed (I/O or checksum).
-    pub failed: u64,
-    /// Chunks read.
-    pub chunks: u64,
-    /// Nanoseconds workers spent reading, summed over workers.
-    pub busy_ns: u64,
-    /// Nanoseconds of wall time during which at least one worker had a job (read, decode,
-    /// checksum): the engine's busy time, not summed over workers. The rest of the time
-    /// the engine left the disk idle.
-    pub active_ns: u64,
-    /// Nanoseconds callers spent blocked in [`Engine::wait`].
-    pub stall_ns: u64,
-    /// Coded chunks read and decoded.
-    pub coded_chunks: u64,
-    /// Bytes those chunks decoded to (their stored bytes count in `bytes_read`).
-    pub decoded_bytes: u64,
-    /// Nanoseconds workers spent decoding, summed over workers (part of `busy_ns`).
-    pub decode_ns: u64,
-    /// Counters of the backend's fallbacks.
-    pub backend: crate::io::BackendStats,
-}
-
-#[derive(Default)]
-struct Counters {
-    bytes_read: AtomicU64,
-    requests: AtomicU64,
-    demand_requests: AtomicU64,
-    prefetch_requests: AtomicU64,
-    promoted: AtomicU64,
-    cancelled: AtomicU64,
-    failed: AtomicU64,
-    chunks: AtomicU64,
-    busy_ns: AtomicU64,
-    stall_ns: AtomicU64,
-    active_ns: AtomicU64,
-    coded_chunks: AtomicU64,
-    decoded_bytes: AtomicU64,
-    decode_ns: AtomicU64,
-}
-
-/// Workers with a job now, and since when at least one has had one: what `active_ns`
-/// is measured from.
-#[derive(Default)]
-struct Activity {
-    working: usize,
-    since: Option<Instant>,
-}
-
-struct Shared {
-    backend: Arc<dyn ReadBackend>,
-    queues: Mutex<Queues>,
-    work: Condvar,
-    counters: Counters,
-    activity: Mutex<Activity>,
-}
-
-impl Shared {
-    /// A worker starts a job.
-    fn job_started(&self) {
-        let mut a = self.activity.lock().expect("activity poisoned");
-        a.working += 1;
-        if a.working == 1 {
-            a.since = Some(Instant::now());
-        }
-    }
-
-    /// `active_ns` now: the spans ended, and the one in progress (read under the lock
-    /// the spans end under, so none is missed or counted twice).
-    fn active_ns(&self) -> u64 {
-        let a = self.activity.lock().expect("activity poisoned");
-        let now = a.since.map_or(0, |t0| t0.elapsed().as_nanos() as u64);
-        self.counters.active_ns.load(Ordering::Relaxed) + now
-    }
-
-    /// A worker ends a job: the last one to end adds the span since the first started.
-    fn job_ended(&self) {
-        let mut a = self.activity.lock().expect("activity poisoned");
-        a.working -= 1;
-        if a.working == 0 {
-            if let Some(t0) = a.since.take() {
-                let ns = t0.elapsed().as_nanos() as u64;
-                self.counters.active_ns.fetch_add(ns, Ordering::Relaxed);
-            }
         }
     }
 }
@@ -189,13 +87,7 @@ impl Engine {
                 config.chunk_bytes
             )));
         }
-        let shared = Arc::new(Shared {
-            backend,
-            queues: Mutex::new(Queues::default()),
-            work: Condvar::new(),
-            counters: Counters::default(),
-            activity: Mutex::new(Activity::default()),
-        });
+        let shared = Arc::new(Shared::new(backend));
         let workers = (0..config.num_threads)
             .map(|i| workers::spawn(shared.clone(), format!("tensorstream-io-{i}"), false))
             .collect::<Result<Vec<_>>>()?;
@@ -292,7 +184,7 @@ impl Engine {
         layout.validate().map_err(|reason| {
             Error::InvalidArgument(format!("unit '{}': {reason}", layout.name))
         })?;
-        let pieces = jobs::split(layout, self.chunk_bytes, populate);
+        let pieces = pieces::split(layout, self.chunk_bytes, populate);
         let inner = Arc::new(TicketInner::new(layout, dest, &pieces)?);
         let c = &self.shared.counters;
         c.requests.fetch_add(1, Ordering::Relaxed);

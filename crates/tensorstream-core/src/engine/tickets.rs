@@ -1,11 +1,11 @@
-//! Tickets: a submitted request's shared state, and its completion (checksum verified
-//! from the chunks' digests, tensors' digests from their parts' digests, counted, waiters
-//! woken).
+//! Tickets: a submitted request's shared state, and its completion (the checks of
+//! `checks` made on the chunks' and tensor parts' digests, counted, waiters woken).
 
-use super::jobs::Piece;
-use super::Counters;
+use super::checks::{checksum_mismatch, TensorChecks};
+use super::counters::Counters;
+use super::pieces::Piece;
 use crate::error::{Error, Result};
-use crate::store::{chunked_checksum_combine, ExpectedChecksum, UnitLayout, CHECKSUM_CHUNK};
+use crate::store::{ExpectedChecksum, UnitLayout, CHECKSUM_CHUNK};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,107 +22,6 @@ pub(super) struct TicketState {
     /// Digest of each tensor part, filled by the job that wrote its last bytes.
     part_digests: Vec<u64>,
     pub finished: bool,
-}
-
-/// One checksum chunk of a tensor that records a digest: bytes `lo..hi` of the
-/// destination, 4 MiB of the tensor (less for its last). The job that completes its last
-/// bytes hashes it, so tensors are hashed in parallel, each byte once, whatever the jobs'
-/// boundaries.
-struct TensorPart {
-    lo: u64,
-    hi: u64,
-}
-
-/// A tensor whose digest is verified; its parts are `parts[first..first + count]`.
-struct TensorDigest {
-    name: String,
-    offset: u64,
-    nbytes: u64,
-    expected: u64,
-    first: usize,
-    count: usize,
-}
-
-/// The tensors of a checksummed request that record digests.
-struct TensorChecks {
-    /// In destination order, without overlap (so both ends are sorted).
-    parts: Vec<TensorPart>,
-    tensors: Vec<TensorDigest>,
-}
-
-impl TensorChecks {
-    /// The parts of `layout`'s tensors, or None when no tensor records a digest. A tensor
-    /// with a digest must lie in the bytes the pieces fill, after the previous one.
-    fn new(layout: &UnitLayout, pieces: &[Piece]) -> Result<Option<Self>> {
-        let bad =
-            |reason: String| Error::InvalidArgument(format!("unit '{}': {reason}", layout.name));
-        let mut parts = Vec::new();
-        let mut tensors = Vec::new();
-        let mut prev_end = 0u64;
-        for t in &layout.tensors {
-            let Some(expected) = t.digest else { continue };
-            let end = t
-                .offset
-                .checked_add(t.nbytes)
-                .filter(|&e| e <= layout.buffer_len && t.offset >= prev_end)
-                .ok_or_else(|| {
-                    bad(format!(
-                        "tensor '{}' at {}+{} lies outside the {}-byte buffer or before the previous tensor with a digest (ending at {prev_end})",
-                        t.name, t.offset, t.nbytes, layout.buffer_len
-                    ))
-                })?;
-            prev_end = end;
-            let first = parts.len();
-            let mut lo = t.offset;
-            while lo < end {
-                let hi = end.min(lo + CHECKSUM_CHUNK);
-                parts.push(TensorPart { lo, hi });
-                lo = hi;
-            }
-            tensors.push(TensorDigest {
-                name: t.name.clone(),
-                offset: t.offset,
-                nbytes: t.nbytes,
-                expected,
-                first,
-                count: parts.len() - first,
-            });
-        }
-        if tensors.is_empty() {
-            return Ok(None);
-        }
-        let checks = TensorChecks { parts, tensors };
-        // Every part must be filled by the pieces, whole: it is hashed once they are done.
-        let mut covered = vec![0u64; checks.parts.len()];
-        for p in pieces {
-            for i in checks.overlapping(p.dest_offset, p.dest_offset + p.len) {
-                let part = &checks.parts[i];
-                covered[i] += part.hi.min(p.dest_offset + p.len) - part.lo.max(p.dest_offset);
-            }
-        }
-        if let Some(i) =
-            (0..covered.len()).find(|&i| covered[i] != checks.parts[i].hi - checks.parts[i].lo)
-        {
-            let part = &checks.parts[i];
-            let t = checks
-                .tensors
-                .iter()
-                .find(|t| (t.first..t.first + t.count).contains(&i))
-                .expect("every part belongs to a tensor");
-            return Err(bad(format!(
-                "tensor '{}' has bytes {}..{} that the layout does not fill",
-                t.name, part.lo, part.hi
-            )));
-        }
-        Ok(Some(checks))
-    }
-
-    /// Indices of the parts that overlap destination bytes `lo..hi`.
-    fn overlapping(&self, lo: u64, hi: u64) -> std::ops::Range<usize> {
-        let start = self.parts.partition_point(|p| p.hi <= lo);
-        let end = self.parts.partition_point(|p| p.lo < hi);
-        start..end.max(start)
-    }
 }
 
 impl TicketState {
@@ -266,39 +165,13 @@ impl TicketInner {
     pub fn finish(&self, counters: &Counters, st: &mut TicketState) {
         if st.error.is_none() {
             if let Some(exp) = self.expected {
-                let actual = chunked_checksum_combine(&st.digests);
-                if actual != exp.value {
-                    st.error = Some(Error::Checksum {
-                        path: self.source.0.clone(),
-                        unit: self.unit.clone(),
-                        tensor: None,
-                        offset: self.source.1,
-                        len: exp.covered,
-                        expected: exp.value,
-                        actual,
-                    });
-                }
+                st.error = checksum_mismatch(exp, &st.digests, &self.unit, &self.source);
             }
         }
         if st.error.is_none() {
             // Every job succeeded, so every part was hashed by the job that completed it.
             if let Some(checks) = &self.tensor_checks {
-                for t in &checks.tensors {
-                    let actual =
-                        chunked_checksum_combine(&st.part_digests[t.first..t.first + t.count]);
-                    if actual != t.expected {
-                        st.error = Some(Error::Checksum {
-                            path: self.source.0.clone(),
-                            unit: self.unit.clone(),
-                            tensor: Some(t.name.clone()),
-                            offset: self.source.1.saturating_add(t.offset),
-                            len: t.nbytes,
-                            expected: t.expected,
-                            actual,
-                        });
-                        break;
-                    }
-                }
+                st.error = checks.mismatch(&st.part_digests, &self.unit, &self.source);
             }
         }
         match &st.error {

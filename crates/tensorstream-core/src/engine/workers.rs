@@ -1,8 +1,9 @@
 //! The workers' loop: take a job, fill its range of the destination (read, read and
 //! decode, or fault in), hash the checksum chunks it covers, and complete it on its ticket.
 
-use super::jobs::{Job, JobKind, StoredChunk};
-use super::Shared;
+use super::jobs::Job;
+use super::pieces::{JobKind, StoredChunk};
+use super::shared::Shared;
 use crate::codec::{Decoder, CODEC_CHUNK};
 use crate::error::{Error, Result};
 use crate::io::AlignedBuf;
