@@ -206,6 +206,6 @@ def ids() -> torch.Tensor:
 def fault_injection(monkeypatch):
     """Models offloaded in the test get engines whose reads can be made to fail on purpose
     (``model._tensorstream.engine.set_fault_plan(...)``); production engines cannot."""
-    from tensorstream import runtime
+    from tensorstream import configure
 
-    monkeypatch.setattr(runtime, "make_engine", ts._core.Engine.with_faults)
+    monkeypatch.setattr(configure, "make_engine", ts._core.Engine.with_faults)

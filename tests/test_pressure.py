@@ -27,7 +27,7 @@ from conftest import (
 )
 
 import tensorstream as ts
-from tensorstream import memory, pressure, runtime
+from tensorstream import memory, oom, pressure
 
 LAYERS = 6
 NEW_TOKENS = 16
@@ -37,7 +37,7 @@ NEW_TOKENS = 16
 def probe_every_unit(monkeypatch):
     monkeypatch.setattr(pressure, "PROBE_INTERVAL", 0)
     # Out-of-memory errors are simulated on the CPU here (only CUDA raises them for real).
-    monkeypatch.setattr(runtime, "OOM_RETRY_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(oom, "RETRY_DEVICES", {"cuda", "cpu"})
 
 
 def unit_bytes(model) -> int:
@@ -209,7 +209,7 @@ def test_several_models_yield_to_one_signal(tmp_path):
     holding, release = threading.Event(), threading.Event()
 
     def hold_b():
-        with b._lock:
+        with b.lock:
             holding.set()
             release.wait(10)
 

@@ -334,7 +334,7 @@ def test_an_evicted_expert_gives_its_memory_back(tmp_path):
     cache = om._tensorstream.sparse
     u = next(u for u in cache.units.values() if len(u.resident) < u.slices)
     e = next(s for s in range(u.slices) if s not in u.resident)
-    buf = cache.buffers[u.index][1]
+    buf = om._tensorstream.transfer.slice_buffers[u.index][1]
     offset, nbytes = u.ranges[e][0]
     lo, hi = -(-offset // 4096) * 4096, (offset + nbytes) // 4096 * 4096
     assert hi > lo and not buf[lo:hi].any(), "an evicted expert's pages still hold its bytes"
@@ -356,7 +356,12 @@ def test_experts_smaller_than_a_page_give_their_pages_back(tmp_path):
             om(_ids(1, 1, seed=n))
     cache = om._tensorstream.sparse
     committed = 0
-    for _m, buf in cache.buffers.values():  # a page of zeros may be committed or not: count non-zero ones
+    for (
+        _m,
+        buf,
+    ) in (
+        om._tensorstream.transfer.slice_buffers.values()
+    ):  # a page of zeros may be committed or not: count non-zero ones
         pages = buf[: buf.numel() // 4096 * 4096].view(-1, 4096)
         committed += int(pages.any(dim=1).sum()) * 4096
     assert committed <= cache.held_bytes() <= cache.share

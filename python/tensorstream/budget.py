@@ -17,13 +17,12 @@ from torch import nn
 
 from . import _core
 from .config import Config
+from .consts import PAGE, GiB
 from .errors import BudgetError, InvalidArgumentError
+from .memory import available_ram, total_ram
 from .pressure import read_memory
-from .sparse import is_rows, share_bounds, sparse_units, streams_sparse
+from .sparse_kinds import is_rows, share_bounds, sparse_units, streams_sparse
 from .units import resident_bytes
-
-GiB = 1 << 30
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,37 @@ class BudgetPlan:
     """Bytes the planner may fill with streamed units (resident units and reads in flight)."""
     sparse: int = 0
     """Bytes the sparse cache may fill with slices of sparse units (:mod:`tensorstream.sparse`)."""
+
+    def effective(self, units_budget: int) -> int:
+        """The effective budget when the planner may fill `units_budget` (it yields to memory
+        pressure): resident modules, the sparse cache's share and the units' budget."""
+        return self.resident + self.sparse + units_budget
+
+
+def oom_ceiling(ceiling: int, held: int, largest: int) -> int:
+    """The units' budget after an out-of-memory error while `held` bytes of units were held
+    under `ceiling`: half of what was held, never below the largest unit."""
+    return max(min(ceiling, held) // 2, largest)
+
+
+HOST_TIER_SHARE = 0.4
+"""Share of the available RAM the CUDA path's host tier takes by default."""
+
+
+def host_tier(config: Config) -> tuple:
+    """(bytes of pinned RAM the CUDA path's host tier may hold, why it is less than asked
+    or None): ``Config.host_cache_gb``, else 40% of the available RAM; at most half the RAM."""
+    cap = total_ram() // 2
+    want = (
+        int(config.host_cache_gb * GiB)
+        if config.host_cache_gb is not None
+        else int(HOST_TIER_SHARE * available_ram())
+    )
+    if want > cap:
+        return cap, (
+            f"host_cache_gb={want / GiB:.1f} exceeds the pinned-memory cap of half the RAM; using {cap / GiB:.1f} GiB"
+        )
+    return want, None
 
 
 def default_budget(device: torch.device) -> int:

@@ -94,7 +94,7 @@ def recipes(model: nn.Module, tensors: dict) -> dict:
         rename_source_key,
     )
 
-    from .units import ST_TO_TORCH
+    from .consts import ST_TO_TORCH
 
     mapping = get_model_conversion_mapping(model) if hasattr(model, "base_model_prefix") else []
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]

@@ -17,6 +17,7 @@ from torch import nn
 from . import _core
 from .budget import fits, streamed_subset
 from .config import Config
+from .consts import TORCH_TO_ST
 from .conversion import recipes
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .module import install
@@ -24,7 +25,7 @@ from .offload import unit_sizes
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
 from .speculative import check_draft
-from .units import TORCH_TO_ST, analyse, with_candidates
+from .units import analyse, with_candidates
 
 
 def resolve_checkpoint(name_or_path: str) -> str:

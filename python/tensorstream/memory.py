@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-PAGE = 4096
+from .consts import PAGE
 
 
 def meminfo() -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import configure
 from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
@@ -75,7 +76,7 @@ class _UnitApply(_RootApply):
         rt.resolve()
         unit = next(u for u in rt.units if u.modules[0] is self.module)
         _check_dtype_unchanged(rt, fn)
-        with rt._lock:
+        with rt.lock:
             rt.teardown()
             try:
                 # Streamed parameters move as empty tensors: nothing is read or copied.
@@ -86,8 +87,7 @@ class _UnitApply(_RootApply):
                     if unit.params:
                         rt.device = unit.params[0].get().device
             finally:
-                for i in range(len(rt.units)):
-                    rt.placement.unbind(i, rt.device)
+                rt.placement.unbind_all(rt.device)
         return self.module
 
 
@@ -111,7 +111,7 @@ class _Locked(_Forward):
     """``model.state_dict``: under the model's lock, so no pass binds a weight meanwhile."""
 
     def __call__(self, *args, **kwargs):
-        with self.runtime._lock:
+        with self.runtime.lock:
             return self.orig(*args, **kwargs)
 
 
@@ -163,11 +163,10 @@ def _check_dtype_unchanged(rt: Runtime, fn) -> None:
 def install(model: nn.Module, runtime: Runtime) -> None:
     """Set up streaming on `model`. The budget is checked first: a model refused for its
     budget is left untouched."""
-    runtime.check_budget()
+    configure.check_budget(runtime)
     _detach_resident_from_unit_storage(model, runtime.units)
     runtime.placement.adopt(runtime)
-    for i in range(len(runtime.units)):
-        runtime.placement.unbind(i, runtime.device)
+    runtime.placement.unbind_all(runtime.device)
     for u in runtime.units:
         for m in u.modules:
             m.forward = _UnitForward(runtime, m.forward, u.index)

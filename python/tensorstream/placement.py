@@ -23,10 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .consts import ST_TO_TORCH, round_up, tensor_bytes
 from .errors import StoreMismatchError, TensorStreamError
-from .units import ST_TO_TORCH, _itemsize, _numel
-
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,9 @@ def _param_slots(unit, layout, path: str) -> tuple:
         if part.dtype != p.dtype:
             tail = (tail + 255) // 256 * 256
             conv = tail
-            tail += _numel(p.shape) * _itemsize(p.dtype)
+            tail += tensor_bytes(p.shape, p.dtype)
         slots.append(ParamSlot(part, tuple(p.shape), p.dtype, conv))
-    return slots, (tail + PAGE - 1) // PAGE * PAGE
+    return slots, round_up(tail)
 
 
 def slot_sizes(units: list, layouts: list, path: str) -> list:
@@ -264,7 +262,7 @@ class Placement:
             if s.converted_at is None:
                 out.append(stored)
                 continue
-            value = buf[s.converted_at : s.converted_at + _numel(s.shape) * _itemsize(s.dtype)]
+            value = buf[s.converted_at : s.converted_at + tensor_bytes(s.shape, s.dtype)]
             value = value.view(s.dtype).view(s.shape)
             if convert:
                 value.copy_(stored)
@@ -289,6 +287,11 @@ class Placement:
                 t.__class__ = StreamedParameter
                 t.data = self._placeholder(p.dtype, device, p.shape)
 
+    def unbind_all(self, device: torch.device) -> None:
+        """Unbind every unit (placeholders on `device`)."""
+        for i in range(len(self.units)):
+            self.unbind(i, device)
+
     def check_same_objects(self, i: int) -> None:
         """Raise if a streamed parameter of unit `i` was replaced by another object
         (``module.weight = nn.Parameter(...)``, ``resize_token_embeddings``)."""
@@ -299,6 +302,24 @@ class Placement:
                     "read-only and live in the store. Change the model before tensorstream.offload(), or save the "
                     "changed model and load it again."
                 )
+
+    def check_frozen(self, i: int) -> None:
+        """Raise if this forward would train a streamed parameter of unit `i` (grad mode on)."""
+        for p in self.units[i].params:
+            if p.get().requires_grad:
+                raise TensorStreamError(
+                    f"{self.units[i].name}: streamed weights are read-only, and this forward would train "
+                    f"{p.store_name!r} (requires_grad=True, grad mode on). Run inference under torch.no_grad() or "
+                    "torch.inference_mode(), or freeze the streamed weights, for example "
+                    "`for p in model.parameters(): p.requires_grad_(False)`, and train adapters on top "
+                    "(peft LoRA works)."
+                )
+
+    def check_usable(self, i: int) -> None:
+        """Refuse unit `i` if its parameters were replaced, or if this forward would train them."""
+        self.check_same_objects(i)
+        if torch.is_grad_enabled():
+            self.check_frozen(i)
 
     def snapshot_versions(self, i: int) -> None:
         """Remember the parameters' version counters (bumped by in-place writes)."""

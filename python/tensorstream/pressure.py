@@ -139,7 +139,7 @@ def allowances(peers: list, reading: MemoryReading) -> Optional[list]:
         return None
     # Bytes a model holds that the probe does not already count as free (a mapping's pages
     # are page cache, which MemAvailable counts).
-    own = sum(0 if rt.transfer.zero_copy else rt.held_bytes() for rt in peers)
+    own = sum(rt.transfer.private_bytes(rt.held_bytes()) for rt in peers)
     total = max(own + reading.free - room * 3 // 2, 0)
     asked = [rt.budget_plan.units for rt in peers]
     whole = max(sum(asked), 1)

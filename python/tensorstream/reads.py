@@ -40,7 +40,7 @@ class Reads:
         """Unit `i`'s bytes in a fresh CPU buffer laid out like its slot (converted
         parameters built in the tail)."""
         rt = self.rt
-        with rt._lock:
+        with rt.lock:
             if self._cached is not None and self._cached[0] == i:
                 return self._cached[1]
             rt.ensure_configured()
@@ -73,9 +73,7 @@ class Reads:
         if not torch.is_grad_enabled() or tr is None:
             return contextlib.nullcontext()
         # No unit is loaded or evicted while a unit computes: the slots in use are these.
-        slots = {} if tr.zero_copy else tr.slot_storages()
-        if rt.sparse is not None:
-            slots.update(rt.sparse.storages())
+        slots = tr.slot_storages()
         if not slots:
             return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(partial(self._pack, slots), self._unpack)

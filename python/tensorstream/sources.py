@@ -92,7 +92,7 @@ class StoreSource:
         self.fd = self.fds[self.path]
 
     @property
-    def zero_copy(self) -> bool:
+    def mappable(self) -> bool:
         """Whether the parameters can be views of the mapped store: not when units are coded."""
         return not self.compressed
 
@@ -124,7 +124,7 @@ class CheckpointSource:
     Unaligned offsets are widened to 4 KiB bounds by the core; no checksums."""
 
     kind = "safetensors"
-    zero_copy = False
+    mappable = False
     checksummed = False
 
     def __init__(self, path: str):

@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .consts import GiB
 from .errors import InvalidArgumentError
-
-GiB = 1 << 30
+from .sparse import statistics as sparse_statistics
+from .sparse_kinds import SparseKind
 
 
 @dataclass
@@ -138,8 +139,7 @@ def statistics(rt) -> dict:
         "forward_passes": c.passes,
         "errors": c.errors,
         "buffered_fallback_bytes": es.get("buffered_fallback_bytes", 0),
-        "experts": rt.sparse.statistics("experts") if rt.sparse else None,
-        "embedding": rt.sparse.statistics("embedding") if rt.sparse else None,
+        **{kind.value: sparse_statistics(rt.sparse, kind) if rt.sparse else None for kind in SparseKind},
         "store_path": source.path,
         "source": source.kind,
         "compression_ratio": getattr(source, "compression_ratio", 1.0),

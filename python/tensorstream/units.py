@@ -12,24 +12,9 @@ import torch
 from torch import nn
 
 from . import _core
+from .consts import TORCH_TO_ST, tensor_bytes
 from .errors import ConfigError
-
-TORCH_TO_ST = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
-    if hasattr(torch, _name):
-        TORCH_TO_ST[getattr(torch, _name)] = _st
-ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+from .sparse_kinds import experts_and_routers
 
 
 @dataclass
@@ -65,18 +50,7 @@ class UnitSpec:
 
     @property
     def nbytes(self) -> int:
-        return sum(_numel(p.shape) * _itemsize(p.dtype) for p in self.params)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return sum(tensor_bytes(p.shape, p.dtype) for p in self.params)
 
 
 def _param_bytes(module: nn.Module) -> int:
@@ -191,13 +165,11 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
     shared parameters stay resident), so streaming never changes what other modules see.
 
     By default (no `unit_names`) a block's mixture-of-experts modules (see
-    :func:`tensorstream.sparse.is_experts`) are units of their own, streamed expert by
+    :func:`tensorstream.sparse_kinds.is_experts`) are units of their own, streamed expert by
     expert, right after their block's unit, and their routers stay resident (a router is
     tiny and predicts the next layer's experts, :mod:`tensorstream.sparse`). Naming the
     blocks in `unit_names` streams them whole.
     """
-    from .sparse import experts_and_routers
-
     modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners = _owners(model)

@@ -6,15 +6,23 @@ decides what to load and evict and calls:
 
 - ``load(i, demand)``: start getting unit `i`'s bytes;
 - ``prefetched(units)``: after the prefetches of one access were submitted;
-- ``ready(i)``: wait for unit `i`; returns ``(buffer, base_offset, convert)`` to bind its
-  parameters to, or None when its parameters are views that are always valid (mmap);
-- ``after_compute(i)``: unit `i` has run;
-- ``evict(i)``: drop unit `i`'s bytes;
+- ``bind(i)``: wait for unit `i` (``ready(i)``) and bind its parameters to its bytes;
+- ``release(i)``: unit `i` has run; its parameters read from the source again;
+- ``evict(i)``: drop unit `i`'s bytes (and unbind its parameters where they viewed them);
 - ``reset()``: drop every unit and cancel every read, returning all accounting to zero
   (recovery after an exception, teardown);
 - ``set_limit(nbytes)``: the units' budget changed under memory pressure;
-- ``held_bytes()``, ``describe()``, ``close()``, and ``abandon()`` after ``fork()``;
+- ``held_bytes()``, ``private_bytes(held)``, ``describe()``, ``close()``, and ``abandon()``
+  after ``fork()``; ``reads_verified``: whether every read is checked against the store's
+  checksums; ``slot_storages()``: the buffers a saved tensor must not outlive;
 - ``extra_stats()``: the path's own entries of :func:`tensorstream.get_model_statistics`.
+
+A path that can read byte ranges of a unit alone (the slices of a sparse unit, see
+:mod:`tensorstream.sparse`) sets ``reads_slices`` and implements, next to the whole-unit
+methods: ``load_slices(i, layout, demand)`` (a ticket), ``wait(ticket)``,
+``cancel(ticket)``, ``drop_slices(i, ranges, held)``, ``bind_slices(i)`` and
+``release_slices(i)``. The buffer a sparse unit's slices land in is the path's, of the
+unit's full size, its pages committed only where a slice was read.
 """
 
 from __future__ import annotations
@@ -71,6 +79,8 @@ class Transfer:
     kind = ""
     zero_copy = False
     """True when parameters are views that stay valid when the unit is evicted (mmap)."""
+    reads_slices = False
+    """True when the path reads a sparse unit's slices alone (see the module docstring)."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -89,6 +99,20 @@ class Transfer:
     def after_compute(self, i: int) -> None:
         pass
 
+    def bind(self, i: int) -> None:
+        """Wait for unit `i` and point its parameters at its bytes."""
+        pl = self.ctx.placement
+        args = self.ready(i)
+        if args is None:
+            pl.set_bound(i, True)
+        else:
+            pl.bind(i, *args)
+
+    def release(self, i: int) -> None:
+        """Unit `i` has run: its parameters read from the source again until the next bind."""
+        self.ctx.placement.set_bound(i, False)
+        self.after_compute(i)
+
     def evict(self, i: int) -> None:
         raise NotImplementedError
 
@@ -105,10 +129,60 @@ class Transfer:
         """Entries this path adds to the model's statistics (none by default)."""
         return {}
 
+    @property
+    def reads_verified(self) -> bool:
+        """Whether every read is verified against the store's checksums (else the runtime
+        checks that the source's files did not change)."""
+        return self.ctx.source.checksummed
+
+    def private_bytes(self, held: int) -> int:
+        """Of `held` bytes of units held through this path, those the device's free memory
+        does not count as free (a mapping's pages are page cache, which it counts)."""
+        return held
+
+    def slot_storages(self) -> dict:
+        """Storage address -> (unit, buffer) of every buffer holding a unit's bytes now that
+        is reused or refilled with zeros later: a tensor autograd saves in one is read again
+        for backward (:meth:`tensorstream.reads.Reads.saved_tensor_guard`)."""
+        return {}
+
+    def _unbind_all(self) -> None:
+        """After reset: every parameter reads from the source (views of buffers that are gone
+        are dropped)."""
+        self.ctx.placement.unbind_all(self.ctx.device)
+
     def reset(self) -> None:
         for i in range(len(self.io)):
             self._cancel(i)
         self.io = [UnitIO() for _ in self.ctx.units]
+        self._unbind_all()
+
+    # ------------------------------------------------------------ slices of sparse units
+
+    def load_slices(self, i: int, layout, demand: bool):
+        """Start reading `layout` (unit `i`'s layout, or some byte ranges of it) into the
+        unit's slice buffer; returns the ticket."""
+        raise NotImplementedError
+
+    def drop_slices(self, i: int, ranges: list, held: Callable[[int], bool]) -> None:
+        """Give back the pages of byte `ranges` of unit `i`'s slice buffer; `held(page)` says
+        whether a page also holds bytes of a slice still held."""
+        raise NotImplementedError
+
+    def bind_slices(self, i: int) -> None:
+        """Point sparse unit `i`'s parameters at its slice buffer."""
+        raise NotImplementedError
+
+    def release_slices(self, i: int) -> None:
+        """Sparse unit `i` has run: its parameters read from the source again."""
+        self.ctx.placement.set_bound(i, False)
+
+    def wait(self, ticket) -> None:
+        """Wait for a read this path started, counting the time a demand waits as a stall."""
+        wait_counting(self.engine, ticket, self.ctx.counters)
+
+    def cancel(self, ticket) -> None:
+        cancel(self.engine, ticket)
 
     def close(self) -> None:
         self.reset()
@@ -224,6 +298,7 @@ class PooledTransfer(Transfer):
         return st.slot, 0, convert
 
     def evict(self, i: int) -> None:
+        self.ctx.placement.unbind(i, self.ctx.device)
         self._cancel(i)
         st = self.io[i]
         if st.slot is not None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import torch
 
 from .. import gpucodec
+from ..budget import host_tier
 from ..errors import TensorStreamError
-from ..memory import available_ram, pinned_empty, total_ram
+from ..memory import pinned_empty
 from .base import Context, PooledTransfer
-
-GiB = 1 << 30
 
 
 def gpu_coded_units(ctx: Context) -> dict:
@@ -121,15 +120,9 @@ class CudaTransfer(PooledTransfer):
         return t
 
     def _plan_host_cache(self) -> None:
-        cfg = self.ctx.config
-        cap = total_ram() // 2
-        want = int(cfg.host_cache_gb * GiB) if cfg.host_cache_gb is not None else int(0.4 * available_ram())
-        if want > cap:
-            self.ctx.fallback(
-                f"host_cache_gb={want / GiB:.1f} exceeds the pinned-memory cap of half the RAM; using {cap / GiB:.1f} GiB"
-            )
-            want = cap
-        room = want
+        room, note = host_tier(self.ctx.config)
+        if note:
+            self.ctx.fallback(note)
         for i, size in enumerate(self.read_len):
             if size <= room:
                 self.host_plan.add(i)

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from ..sparse_kinds import page_span
 from .base import Context, Transfer
 
 MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
@@ -27,6 +28,7 @@ def _usable_cores() -> int:
 class MmapTransfer(Transfer):
     kind = "cpu-mmap"
     zero_copy = True
+    reads_slices = True  # a sparse unit's slices are faulted into the store's mapping
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
@@ -69,6 +71,29 @@ class MmapTransfer(Transfer):
 
     def held_bytes(self) -> int:
         return self.ctx.planner_used()
+
+    @property
+    def reads_verified(self) -> bool:
+        return False  # a mapping is verified once, when it is first faulted in
+
+    def private_bytes(self, held: int) -> int:
+        return 0  # page cache, which the free memory counts
+
+    def _unbind_all(self) -> None:
+        for i in range(len(self.ctx.units)):
+            self.ctx.placement.set_bound(i, False)  # the views stay valid
+
+    def load_slices(self, i: int, layout, demand: bool):
+        return self.engine.submit_populate(layout, self.base.data_ptr() + self.offsets[i], demand, self.base)
+
+    def drop_slices(self, i: int, ranges: list, held) -> None:
+        """A mapping of the store refaults a dropped page with its content: every page goes."""
+        for o, b in ranges:
+            lo, n = page_span(self.offsets[i] + o, b)
+            self.map.madvise(MADV_DONTNEED, lo, n)
+
+    def bind_slices(self, i: int) -> None:
+        self.ctx.placement.set_bound(i, True)
 
     def describe(self) -> str:
         return "mmap (zero-copy views)"
