@@ -20,6 +20,7 @@ from .config import Config
 from .errors import BudgetError, InvalidArgumentError
 from .pressure import read_memory
 from .sparse import is_rows, share_bounds, sparse_units, streams_sparse
+from .speculative import draft_of
 from .units import resident_bytes
 
 GiB = 1 << 30
@@ -92,7 +93,7 @@ def kept_beside(model: nn.Module, units: list = ()) -> int:
     draft shares with the model (``draft="int8"`` shares the embeddings and norms) counts
     once, with the model, while the model keeps it resident; one that `units` stream counts
     here, as the draft's own copy (``offload`` makes it)."""
-    draft = model.__dict__.get("_tensorstream_draft")
+    draft = draft_of(model)
     if draft is None:
         return 0
     streamed = {id(p.get()) for u in units for p in u.params}

@@ -23,7 +23,7 @@ from .module import install
 from .offload import unit_sizes
 from .runtime import Runtime
 from .sources import CheckpointSource, StoreSource
-from .speculative import check_draft
+from .speculative import attach_draft, check_draft
 from .units import TORCH_TO_ST, analyse, with_candidates
 
 
@@ -242,7 +242,7 @@ def from_pretrained(
     model = _skeleton(path, auto_class, dtype, trust_remote_code)
     if draft is not None:
         check_draft(draft, model)
-        model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
+        attach_draft(model, draft)  # not a submodule: not in the model's state_dict
     units = analyse(model, config.units)
     if not units:
         raise InvalidArgumentError(

@@ -31,7 +31,7 @@ from .memory import available_ram
 from .placement import Placement
 from .reads import Reads
 from .sparse import SparseCache
-from .speculative import Speculation
+from .speculative import Speculation, draft_of
 from .stats import Counters, MemoryPressureEvent, notify_pressure, statistics
 from .transfer import PATHS, Context, probe_gds, select_path
 from .units import ParamRef, UnitSpec
@@ -504,7 +504,7 @@ class Runtime:
     @property
     def draft(self) -> Optional[nn.Module]:
         """The draft given to ``offload(..., draft=)``, or None."""
-        return self.model.__dict__.get("_tensorstream_draft")
+        return draft_of(self.model)
 
     def held_bytes(self) -> int:
         """Bytes of streamed units held on the device now, loaded or in flight."""
