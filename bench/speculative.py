@@ -57,8 +57,8 @@ from _common import (  # noqa: E402
 )
 
 import tensorstream as ts  # noqa: E402
-from tensorstream import speculative  # noqa: E402
-from tensorstream.selfdraft import build_int8_draft  # noqa: E402
+from tensorstream.speculative import lookahead  # noqa: E402
+from tensorstream.speculative.selfdraft import build_int8_draft  # noqa: E402
 
 GiB = 1 << 30
 
@@ -181,7 +181,7 @@ def main() -> None:
     for name, draft, draft_bytes, k in cases:
         model = offloaded(draft, draft_bytes)
         kw = {"num_assistant_tokens": k} if k else {}
-        speculative.DRAFT_AHEAD = "in turn" not in name
+        lookahead.DRAFT_AHEAD = "in turn" not in name
         time_generate(model, ids, 2, pad_token_id=0, **kw)  # warm: learns the order and measures a pass
         dt, out, s0, s1 = measure(model, ids, args.tokens, args.reps, **kw)
         if bandwidth is None:

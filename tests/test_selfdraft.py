@@ -14,7 +14,7 @@ from conftest import PAGE, GiB, budget_gb, input_ids, tiny_gpt2, tiny_llama
 from test_speculative import LAYERS, generate, sampled_unoffloaded
 
 import tensorstream as ts
-from tensorstream.selfdraft import Int8WeightOnlyLinear, build_int8_draft
+from tensorstream.speculative.selfdraft import Int8WeightOnlyLinear, build_int8_draft
 
 
 def _draft_bytes(model) -> int:

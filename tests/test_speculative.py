@@ -14,7 +14,7 @@ import torch
 from conftest import VOCAB, GiB, budget_gb, input_ids, tiny_llama
 
 import tensorstream as ts
-from tensorstream import speculative
+from tensorstream.speculative import k_rule as speculative
 
 LAYERS = 6
 NEW = 20

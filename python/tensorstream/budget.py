@@ -22,6 +22,7 @@ from .errors import BudgetError, InvalidArgumentError
 from .memory import available_ram, total_ram
 from .pressure import read_memory
 from .sparse_kinds import is_rows, share_bounds, sparse_units, streams_sparse
+from .speculative import draft_of
 from .units import resident_bytes
 
 
@@ -122,7 +123,7 @@ def kept_beside(model: nn.Module, units: list = ()) -> int:
     draft shares with the model (``draft="int8"`` shares the embeddings and norms) counts
     once, with the model, while the model keeps it resident; one that `units` stream counts
     here, as the draft's own copy (``offload`` makes it)."""
-    draft = model.__dict__.get("_tensorstream_draft")
+    draft = draft_of(model)
     if draft is None:
         return 0
     streamed = {id(p.get()) for u in units for p in u.params}

@@ -4,18 +4,17 @@ layers (`from_pretrained`), and convert a checkpoint into an aligned store (`con
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import pickle
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import _core
 from .budget import fits, streamed_subset
+from .checkpoints import Checkpoint, resolve_checkpoint
 from .config import Config
 from .consts import TORCH_TO_ST
 from .conversion import recipes
@@ -23,98 +22,9 @@ from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchErro
 from .module import install
 from .offload import unit_sizes
 from .runtime import Runtime
-from .sources import CheckpointSource, StoreSource
-from .speculative import check_draft
+from .sources import StoreSource
+from .speculative import attach_draft, check_draft
 from .units import analyse, with_candidates
-
-
-def resolve_checkpoint(name_or_path: str) -> str:
-    """A local directory, or a hub id found in the local Hugging Face cache. Never downloads."""
-    if os.path.isdir(name_or_path) or os.path.isfile(name_or_path):
-        return str(name_or_path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(str(name_or_path), local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise InvalidArgumentError(
-            f"{name_or_path!r} is not a local path, and it is not in the local Hugging Face cache "
-            f"({type(e).__name__}). TensorStream never downloads: fetch the checkpoint first "
-            "(for example with `huggingface-cli download`) or pass a local directory."
-        ) from None
-
-
-class _Entry(NamedTuple):
-    dtype: str
-    shape: list
-    file: str
-    nbytes: int
-
-
-class _Checkpoint:
-    """A checkpoint's tensors by name, whatever its format: safetensors files, which can
-    stream where they lie (`source`), or PyTorch pickles (``pytorch_model.bin``, sharded or
-    not), read mapped and weights-only, one file at a time, to be converted."""
-
-    def __init__(self, path: str):
-        self.path = path
-        bins = _bin_files(path)
-        self.source = CheckpointSource(path) if bins is None else None
-        self.files = self.source.files if self.source else bins
-        self.tensors = self.source.tensors if self.source else {}
-        for f in bins or []:
-            for name, t in _load_bin(f).items():
-                self.tensors[name] = _Entry(
-                    TORCH_TO_ST[t.dtype], list(t.shape), f, t.numel() * t.element_size()
-                )
-        self._open: tuple = (None, None)
-
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor; the file it is in stays open until a tensor of another file is read."""
-        file = self.tensors[name].file
-        if self._open[0] != file:
-            self._open = (None, None)
-            if self.source:
-                from safetensors import safe_open
-
-                self._open = (file, safe_open(file, framework="pt"))
-            else:
-                self._open = (file, _load_bin(file))
-        handle = self._open[1]
-        return handle.get_tensor(name) if self.source else handle[name]
-
-    def close(self) -> None:
-        self._open = (None, None)
-
-
-def _bin_files(path: str) -> Optional[list]:
-    """The PyTorch pickle files of a checkpoint directory that has no safetensors files, or
-    None where it has them."""
-    p = Path(path)
-    if not p.is_dir() or (p / "model.safetensors").exists() or (p / "model.safetensors.index.json").exists():
-        return None
-    index = p / "pytorch_model.bin.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return [str(p / f) for f in dict.fromkeys(weight_map.values())]
-    if (p / "pytorch_model.bin").exists():
-        return [str(p / "pytorch_model.bin")]
-    raise InvalidArgumentError(
-        f"{path} holds no weights that TensorStream reads: no model.safetensors, "
-        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
-    )
-
-
-def _load_bin(file: str) -> dict:
-    # Mapped: the file's pages are read when a tensor is used, so a shard is never all in RAM.
-    try:
-        return torch.load(file, mmap=True, weights_only=True, map_location="cpu")
-    except (RuntimeError, pickle.UnpicklingError) as e:
-        raise InvalidArgumentError(
-            f"{file} cannot be read mapped and weights-only ({str(e).splitlines()[0]}): TensorStream reads "
-            "PyTorch checkpoints saved by torch.save since torch 1.6, holding only tensors. Load it with "
-            "transformers and save it again with save_pretrained (safetensors)."
-        ) from None
 
 
 def _skeleton(
@@ -179,7 +89,7 @@ def _mappable(model, candidates: list, found: dict) -> list:
     return out
 
 
-def _load_resident(model: nn.Module, ckpt: _Checkpoint, streamed: set, found: dict) -> None:
+def _load_resident(model: nn.Module, ckpt: Checkpoint, streamed: set, found: dict) -> None:
     """Materialise every parameter that is not streamed, from the checkpoint."""
     todo = []
     for mod_name, mod in model.named_modules():
@@ -243,13 +153,13 @@ def from_pretrained(
     model = _skeleton(path, auto_class, dtype, trust_remote_code)
     if draft is not None:
         check_draft(draft, model)
-        model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
+        attach_draft(model, draft)  # not a submodule: not in the model's state_dict
     units = analyse(model, config.units)
     if not units:
         raise InvalidArgumentError(
             f"found no streamable units in {type(model).__name__}; name them with Config(units=[...])"
         )
-    ckpt = _Checkpoint(path)
+    ckpt = Checkpoint(path)
     found = recipes(model, ckpt.tensors)
     _map_units_to_checkpoint(model, units, found)
     candidates = with_candidates(model, units)[len(units) :]
@@ -303,7 +213,7 @@ def _relative_name(model: nn.Module, unit, p) -> str:
     return p.attr
 
 
-def _checkpoint_id(ckpt: _Checkpoint) -> str:
+def _checkpoint_id(ckpt: Checkpoint) -> str:
     """Identity of a checkpoint's files: names, sizes, safetensors headers, and which file
     it is and when its content last changed (device, inode, mtime): weights saved over a
     checkpoint with the same shapes change the last, not the others."""
@@ -319,7 +229,7 @@ def _checkpoint_id(ckpt: _Checkpoint) -> str:
 
 
 def _in_place_fits(
-    model, units: list, candidates: list, found: dict, ckpt: _Checkpoint, config: Config, device: torch.device
+    model, units: list, candidates: list, found: dict, ckpt: Checkpoint, config: Config, device: torch.device
 ) -> bool:
     """Whether the layers can stream from the checkpoint where they lie: every streamed
     parameter is one safetensors tensor as stored, in its dtype, and the budget holds the
@@ -348,7 +258,7 @@ def _nbytes(p) -> int:
     return math.prod(p.shape) * p.dtype.itemsize
 
 
-def _cache_path(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Path:
+def _cache_path(config: Config, model: nn.Module, ckpt: Checkpoint, units: list) -> Path:
     """Where from_pretrained converts a checkpoint it cannot stream in place: named by the
     checkpoint's identity, the units and the dtypes, so that one storage_path holds the
     stores of several checkpoints, unit choices and dtypes side by side."""
@@ -360,7 +270,7 @@ def _cache_path(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list
     return Path(config.storage_path) / f"{type(model).__name__}.{key[:16]}.{dtypes}.tstore"
 
 
-def _find_store(config: Config, model: nn.Module, ckpt: _Checkpoint, units: list) -> Optional[str]:
+def _find_store(config: Config, model: nn.Module, ckpt: Checkpoint, units: list) -> Optional[str]:
     """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
     by an earlier from_pretrained), holding these units, in the dtypes the model asks for (a
     store converted to another dtype holds rounded values: not a match)."""
@@ -408,7 +318,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
     """convert() into `out`: exactly that file when `exact`, else a file or a directory."""
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
-    ckpt = _Checkpoint(path)
+    ckpt = Checkpoint(path)
     _map_units_to_checkpoint(model, units, recipes(model, ckpt.tensors))
     if not exact and (out.is_dir() or not out.suffix):
         out.mkdir(parents=True, exist_ok=True)

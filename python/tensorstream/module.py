@@ -24,7 +24,7 @@ from . import configure
 from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
-from .speculative import assisted_generate, candidate_generator
+from .speculative import draft_of
 
 
 class _Forward:
@@ -62,7 +62,7 @@ class _RootApply:
 
     def __call__(self, fn, recurse: bool = True):
         _check_dtype_unchanged(self.runtime, fn)
-        draft = self.module.__dict__.get("_tensorstream_draft")
+        draft = draft_of(self.module)
         if draft is not None:
             draft._apply(fn, recurse)  # the draft runs where the model runs
         return type(self.module)._apply(self.module, fn, recurse)
@@ -96,6 +96,8 @@ class _Generate(_Forward):
     drafting knobs chosen for a streamed model (see :mod:`tensorstream.speculative`)."""
 
     def __call__(self, *args, **kwargs):
+        from .speculative.assisted import assisted_generate  # transformers: only once a model generates
+
         return assisted_generate(self.runtime, self.orig, args, kwargs)
 
 
@@ -104,6 +106,8 @@ class _CandidateGenerator(_Forward):
     one that drafts the next pass while the target verifies this one, where it can."""
 
     def __call__(self, **kwargs):
+        from .speculative.assisted import candidate_generator  # transformers, as above
+
         return candidate_generator(self.orig, **kwargs)
 
 

@@ -26,9 +26,9 @@ from .errors import (
 from .module import install
 from .placement import slot_sizes
 from .runtime import Runtime
-from .selfdraft import build_int8_draft
 from .sources import StoreSource, has_digests
-from .speculative import check_draft
+from .speculative import attach_draft, check_draft, detach_draft
+from .speculative.selfdraft import build_int8_draft
 from .units import analyse, fingerprint, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
@@ -144,7 +144,7 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
     drafting knobs chosen for a streamed model. Greedy tokens are those of plain generation;
     sampled ones those of the same assisted call on the un-offloaded model.
 
-    ``draft="int8"`` builds the draft from the model itself (:func:`tensorstream.selfdraft.build_int8_draft`):
+    ``draft="int8"`` builds the draft from the model itself (:func:`tensorstream.speculative.selfdraft.build_int8_draft`):
     its linear layers with int8 weights, its other tensors the model's own where the model
     keeps them resident (counted once in the budget) and copies of the ones it streams.
     """
@@ -167,7 +167,7 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
     if isinstance(draft, str):
         draft = build_int8_draft(model)  # while the weights are real: install() frees them
     if draft is not None:
-        model.__dict__["_tensorstream_draft"] = draft  # not a submodule: not in the model's state_dict
+        attach_draft(model, draft)  # not a submodule: not in the model's state_dict
     shared: list = []
     try:
         device = _model_device(model)
@@ -178,7 +178,7 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
             shared = _own_copies(draft, units)
         install(model, Runtime(model, units, source, config, device))
     except BaseException:
-        model.__dict__.pop("_tensorstream_draft", None)  # a refused model is left as it was
+        detach_draft(model)  # a refused model is left as it was
         for module, name, t in shared:
             module._parameters[name] = t
         raise

@@ -28,7 +28,7 @@ from . import budget, configure, copies, oom, pressure, pressure_response, regis
 from .errors import TensorStreamError
 from .placement import Placement
 from .reads import Reads
-from .speculative import Speculation
+from .speculative import Speculation, draft_of
 from .stats import Counters, statistics
 from .units import UnitSpec
 
@@ -301,7 +301,7 @@ class Runtime:
     @property
     def draft(self) -> Optional[nn.Module]:
         """The draft given to ``offload(..., draft=)``, or None."""
-        return self.model.__dict__.get("_tensorstream_draft")
+        return draft_of(self.model)
 
     def held_bytes(self) -> int:
         """Bytes of streamed units held on the device now, loaded or in flight."""

@@ -1,4 +1,5 @@
-"""A draft built from the target itself: ``offload(model, config, draft="int8")``.
+"""A draft built from the target itself: ``offload(model, config, draft="int8")``
+(:data:`~tensorstream.speculative.draft.SELF_DRAFTS`).
 
 The draft is a copy of the model whose linear layers hold int8 weights (weight-only,
 symmetric, one scale per output channel): a quarter of the bytes of fp32 ones to read per
@@ -18,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SELF_DRAFTS = ("int8",)
-"""The strings ``offload(..., draft=)`` accepts: drafts built from the model itself."""
-
+from .draft import detach_draft
 
 QUANTIZE_BLOCK = 1 << 22
 """Weights quantized at once (elements): the float temporaries of quantizing are 16 MiB."""
@@ -123,7 +122,7 @@ def build_int8_draft(model: nn.Module, head: bool = True) -> nn.Module:
     for t in list(model.parameters()) + list(model.buffers()):
         memo[id(t)] = t
     draft = copy.deepcopy(model, memo)
-    draft.__dict__.pop("_tensorstream_draft", None)
+    detach_draft(draft)
     return draft.eval()
 
 
