@@ -21,6 +21,7 @@ from .conversion import recipes
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .module import install
 from .offload import unit_sizes
+from .plain import plain_bytes, plain_cpu
 from .runtime import Runtime
 from .sources import StoreSource
 from .speculative import attach_draft, check_draft
@@ -347,12 +348,12 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
             fp.update(f"|unit:{u.name}".encode())
             for p in u.params:
                 pieces = [ckpt.get(n) for n in p.source_names]
-                t = p.recipe.value(pieces).to(p.dtype).contiguous()
-                del pieces
                 rel = _relative_name(model, u, p)
-                nbytes = t.numel() * t.element_size()
-                writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), t.data_ptr(), nbytes)
-                digest = _core.checksum(t.data_ptr(), nbytes)
+                t = plain_cpu(p.recipe.value(pieces).to(p.dtype), rel)
+                del pieces
+                where = plain_bytes(t, rel)
+                writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), *where)
+                digest = _core.checksum(*where)
                 fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
                 if bar:
                     bar.update(sum(ckpt.tensors[n].nbytes for n in p.source_names))

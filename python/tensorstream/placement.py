@@ -236,7 +236,7 @@ class Placement:
         # The parameter objects themselves: a parameter replaced on its module after offload()
         # is refused, never bound or overwritten.
         self.objects = [[p.get() for p in u.params] for u in units]
-        self._versions = [[0] * len(u.params) for u in units]
+        self._versions = [[(0, 0)] * len(u.params) for u in units]
 
     def adopt(self, runtime) -> None:
         """Make the streamed parameters StreamedParameters that read through `runtime`."""
@@ -322,12 +322,23 @@ class Placement:
             self.check_frozen(i)
 
     def snapshot_versions(self, i: int) -> None:
-        """Remember the parameters' version counters (bumped by in-place writes)."""
-        self._versions[i] = [t._version for t in self.objects[i]]
+        """Remember the parameters' version counters (bumped by in-place writes) and where
+        their data is (a module that replaces its weight's data moves it)."""
+        self._versions[i] = [(t._version, t.data_ptr()) for t in self.objects[i]]
 
     def check_unwritten(self, i: int) -> None:
-        """Raise if a bound parameter of unit `i` was written in place since it was bound."""
-        for p, t, v in zip(self.units[i].params, self.objects[i], self._versions[i]):
+        """Raise if a bound parameter of unit `i` was written in place, or its data replaced,
+        since it was bound."""
+        for p, t, (v, ptr) in zip(self.units[i].params, self.objects[i], self._versions[i]):
+            if t.data_ptr() != ptr:
+                self.snapshot_versions(i)
+                raise TensorStreamError(
+                    f"{self.units[i].name}.{p.store_name}: the module replaced this weight's data during its forward "
+                    "(bitsandbytes repacks its weights on first use, for example). A streamed weight is read again "
+                    "from the store at every load, so the module would see its original bytes next time: streaming "
+                    "cannot give the in-memory model's answers for this module. Keep it out of the streamed units "
+                    "(Config(units=[...])), or offload the model without this quantization."
+                )
             if t._version != v:
                 self.snapshot_versions(i)
                 raise TensorStreamError(

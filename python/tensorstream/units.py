@@ -13,7 +13,8 @@ from torch import nn
 
 from . import _core
 from .consts import TORCH_TO_ST, tensor_bytes
-from .errors import ConfigError
+from .errors import ConfigError, TensorStreamError
+from .plain import check_initialised, plain_bytes, plain_cpu, why_not_streamable
 from .sparse_kinds import experts_and_routers
 
 
@@ -149,6 +150,11 @@ def _unit_of(modules: list, name: str, owners: dict, names: dict) -> UnitSpec:
                     continue
                 if p.is_sparse or p.is_quantized or p.dtype not in TORCH_TO_ST:
                     continue
+                why = why_not_streamable(p, allow_meta=True)
+                if why is not None:
+                    raise TensorStreamError(
+                        f"{names.get(id(sub), sub_name)}.{attr}: cannot be streamed: {why}"
+                    )
                 taken.add(id(p))
                 if len(modules) == 1:
                     store_name = f"{sub_name}.{attr}" if sub_name else attr
@@ -170,6 +176,7 @@ def analyse(model: nn.Module, unit_names: Optional[Sequence[str]]) -> list:
     tiny and predicts the next layer's experts, :mod:`tensorstream.sparse`). Naming the
     blocks in `unit_names` streams them whole.
     """
+    check_initialised(model)
     modules = _select_by_names(model, unit_names) if unit_names else _default_unit_modules(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners = _owners(model)
@@ -261,16 +268,11 @@ def fingerprint(model: nn.Module, units: list) -> str:
     for u in units:
         h.update(f"|unit:{u.name}".encode())
         for p in u.params:
-            t = _cpu_contiguous(p.get().detach())
-            digest = _core.checksum(t.data_ptr(), t.numel() * t.element_size())
+            name = f"{u.name}.{p.store_name}"
+            t = plain_cpu(p.get(), name)  # held while the core reads its bytes
+            digest = _core.checksum(*plain_bytes(t, name))
             h.update(f"|{p.store_name}:{TORCH_TO_ST[p.dtype]}:{list(p.shape)}:{digest:016x}".encode())
     return h.hexdigest()[:32]
-
-
-def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    return t.contiguous()
 
 
 def write_store(
@@ -299,14 +301,9 @@ def write_store(
         for u in it:
             writer.begin_unit(u.name)
             for p in u.params:
-                t = _cpu_contiguous(p.get().detach())
-                writer.add_tensor(
-                    p.store_name,
-                    TORCH_TO_ST[p.dtype],
-                    list(p.shape),
-                    t.data_ptr(),
-                    t.numel() * t.element_size(),
-                )
+                name = f"{u.name}.{p.store_name}"
+                t = plain_cpu(p.get(), name)
+                writer.add_tensor(p.store_name, TORCH_TO_ST[p.dtype], list(p.shape), *plain_bytes(t, name))
             writer.end_unit()
         return writer.finish()
     except BaseException:

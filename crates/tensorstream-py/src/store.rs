@@ -150,6 +150,7 @@ impl PyStoreWriter {
                 "codec_benchmark needs a non-empty buffer",
             ));
         }
+        check_span(ptr, nbytes)?;
         let (stored, coded_chunks, chunks, encode_s, decode_s) = py
             .detach(move || -> Result<_, String> {
                 // SAFETY: the caller's contract: ptr is valid for nbytes reads during the call.
@@ -210,10 +211,9 @@ impl PyStoreWriter {
         nbytes: usize,
     ) -> PyResult<()> {
         let dtype = parse_dtype(dtype)?;
-        if ptr == 0 && nbytes > 0 {
-            return Err(PyValueError::new_err(format!(
-                "tensor '{name}': null data pointer"
-            )));
+        if nbytes > 0 {
+            check_span(ptr, nbytes)
+                .map_err(|e| PyValueError::new_err(format!("tensor '{name}': {e}")))?;
         }
         let w = self.w()?;
         let addr = ptr;
@@ -446,6 +446,13 @@ pub fn codec_decode(
 ) -> PyResult<Py<pyo3::types::PyBytes>> {
     let m = codec::ChunkMode::parse(mode)
         .ok_or_else(|| PyValueError::new_err(format!("unknown chunk mode '{mode}'")))?;
+    // Checked before the output is allocated: a chunk never decodes to more than this.
+    if raw_len as u64 > codec::CODEC_CHUNK {
+        return Err(PyValueError::new_err(format!(
+            "a chunk decodes to at most {} bytes, not {raw_len}",
+            codec::CODEC_CHUNK
+        )));
+    }
     let out = py
         .detach(move || -> Result<Vec<u8>, String> {
             let mut dec = codec::Decoder::new().map_err(|e| e.to_string())?;
@@ -512,14 +519,32 @@ pub fn store_unit_buffer_len(tensor_nbytes: Vec<u64>) -> u64 {
 /// xxh3-based checksum of raw memory, as a store records it (for fingerprints).
 ///
 /// The caller guarantees `ptr` is valid for `nbytes` reads during the call.
+/// A null `ptr` with bytes to read, or a length no allocation can have, is refused.
 #[pyfunction]
-pub fn checksum(py: Python<'_>, ptr: usize, nbytes: usize) -> u64 {
+pub fn checksum(py: Python<'_>, ptr: usize, nbytes: usize) -> PyResult<u64> {
     if nbytes == 0 {
-        return store::chunked_checksum(&[]);
+        return Ok(store::chunked_checksum(&[]));
     }
-    py.detach(move || {
+    check_span(ptr, nbytes)?;
+    Ok(py.detach(move || {
         // SAFETY: the caller's contract: ptr is valid for nbytes reads during the call.
         let data = unsafe { std::slice::from_raw_parts(ptr as *const u8, nbytes) };
         store::chunked_checksum(data)
-    })
+    }))
+}
+
+/// Refuse a memory span that cannot be valid: a null address, or one whose end overflows
+/// the address space or exceeds what a Rust slice may span (`isize::MAX`).
+fn check_span(ptr: usize, nbytes: usize) -> PyResult<()> {
+    if ptr == 0 {
+        return Err(PyValueError::new_err(format!(
+            "null data pointer for {nbytes} bytes"
+        )));
+    }
+    if nbytes > isize::MAX as usize || ptr.checked_add(nbytes).is_none() {
+        return Err(PyValueError::new_err(format!(
+            "{nbytes} bytes at {ptr:#x} is not a span of memory"
+        )));
+    }
+    Ok(())
 }
