@@ -41,9 +41,9 @@ def why_not_streamable(p: torch.Tensor, allow_meta: bool = False) -> Optional[st
         if isinstance(p, nn.parameter.UninitializedParameter):
             return "it is not initialised yet (a lazy module): run one forward before offload()"
         return (
-            f"it is a {_type_name(p)}, a tensor subclass: TensorStream streams plain tensors only (quantized "
+            f"it is of type {_type_name(p)}, a tensor subclass: TensorStream streams plain tensors only (quantized "
             "tensor subclasses such as torchao's, optimum-quanto's and bitsandbytes' parameters do not stream yet); "
-            "offload() the model before quantizing it, or run the quantized model without TensorStream"
+            "offload the model unquantized, or run the quantized model without TensorStream"
         )
     if p.is_meta and not allow_meta:
         return "it is on the meta device: its values are nowhere (load the model with tensorstream.from_pretrained)"

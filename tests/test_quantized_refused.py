@@ -1,0 +1,76 @@
+"""Quantized models as users build them (torchao, optimum-quanto, bitsandbytes through
+transformers' quantizer), each a tiny seeded Llama: their weights are tensor subclasses, which
+do not stream yet. offload() refuses them with a TensorStreamError naming the parameter and
+its type, where it crashed the interpreter (torchao, quanto: SIGSEGV in the fingerprint's
+checksum) or gave wrong tokens (bitsandbytes NF4 on pread). One subprocess for all four
+(importing the libraries is the slow part), so that a crash fails the test."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CODE = r"""
+import sys, tempfile, warnings
+import torch
+import tensorstream as ts
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+warnings.simplefilter("ignore")
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+def llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+def torchao_int8():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    m = llama(); quantize_(m, Int8WeightOnlyConfig()); return m
+
+def torchao_int8_dynamic():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    m = llama(); quantize_(m, Int8DynamicActivationInt8WeightConfig()); return m
+
+def quanto_qint8():
+    from optimum.quanto import freeze, qint8, quantize
+    m = llama(); quantize(m, weights=qint8); freeze(m); return m
+
+def bnb_nf4():
+    d = tempfile.mkdtemp(); llama().save_pretrained(d)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return LlamaForCausalLM.from_pretrained(d, quantization_config=q, device_map="cpu")
+
+ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+for make in (torchao_int8, torchao_int8_dynamic, quanto_qint8, bnb_nf4):
+    model = make()
+    with torch.no_grad():
+        model(ids)  # the quantized model runs in memory
+    try:
+        ts.offload(model, ts.Config(tempfile.mkdtemp(), vram_budget_gb=0.001, backend="pread"))
+        print(make.__name__, "ACCEPTED")
+    except ts.TensorStreamError as e:
+        print(make.__name__, "REFUSED", str(e).split(":")[0], "|", str(e))
+"""
+
+
+def test_quantized_models_are_refused_naming_the_parameter_never_a_crash():
+    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode} (a negative one is a signal):\n{proc.stderr[-3000:]}"
+    )
+    lines = {
+        line.split()[0]: line
+        for line in proc.stdout.splitlines()
+        if " REFUSED " in line or " ACCEPTED" in line
+    }
+    types = {
+        "torchao_int8": "torchao",
+        "torchao_int8_dynamic": "torchao",
+        "quanto_qint8": "optimum.quanto",
+        "bnb_nf4": "bitsandbytes",
+    }
+    for name, library in types.items():
+        line = lines.get(name, f"{name}: no result")
+        assert " REFUSED model.layers.0.self_attn.q_proj.weight |" in line, line
+        assert library in line and "tensor subclass" in line, line
