@@ -169,6 +169,8 @@ def from_pretrained(
         store_path = _convert(
             path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
         )
+    if store:
+        _check_named_store(store, ckpt, path)
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
         for u in units + candidates:  # stores name tensors relative to their unit
@@ -270,6 +272,30 @@ def _cache_path(config: Config, model: nn.Module, ckpt: Checkpoint, units: list)
     return Path(config.storage_path) / f"{type(model).__name__}.{key[:16]}.{dtypes}.tstore"
 
 
+def _check_named_store(store, ckpt: Checkpoint, path: str) -> None:
+    """Refuse a store named with ``store=`` that was not converted from these checkpoint files:
+    it would run another checkpoint's weights of the same shapes without a word. The store
+    records the identity of the files it was converted from (``source_checkpoint_id``,
+    :func:`_checkpoint_id`: their names, sizes, headers, inodes and modification times)."""
+    meta = _core.Store(str(store)).metadata
+    recorded = meta.get("source_checkpoint_id")
+    ident = _checkpoint_id(ckpt)
+    if recorded == ident:
+        return
+    origin = meta.get("source_checkpoint")
+    if recorded is None:
+        made = "records no source checkpoint (it was written by offload() or by an older version)"
+    else:
+        made = f"was converted from {origin or 'a checkpoint'} (identity {recorded})"
+    raise StoreMismatchError(
+        f"store {store} {made}, not from {path} (identity {ident}): it may hold other weights of the same "
+        f"shapes. Convert this checkpoint with tensorstream.convert({str(path)!r}, STORE) and name that "
+        "store, or leave store= out (from_pretrained streams the checkpoint or converts it once). The "
+        "identity is of the files: a checkpoint copied, moved or saved over since the conversion is "
+        "converted again"
+    )
+
+
 def _find_store(config: Config, model: nn.Module, ckpt: Checkpoint, units: list) -> Optional[str]:
     """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
     by an earlier from_pretrained), holding these units, in the dtypes the model asks for (a
@@ -361,6 +387,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
         ckpt.close()
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
         writer.set_metadata("source_checkpoint_id", _checkpoint_id(ckpt))
+        writer.set_metadata("source_checkpoint", os.path.abspath(path))
         writer.set_metadata("writer", "tensorstream convert " + _core.__version__)
         writer.set_fingerprint(fp.hexdigest()[:32])
         result = writer.finish()
