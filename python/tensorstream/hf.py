@@ -21,6 +21,7 @@ from .conversion import recipes
 from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchError
 from .module import install
 from .offload import unit_sizes
+from .progress import bytes_bar
 from .runtime import Runtime
 from .sources import StoreSource
 from .speculative import attach_draft, check_draft
@@ -167,7 +168,13 @@ def from_pretrained(
     target = torch.device(device if device is not None else "cpu")
     if not store_path and not _in_place_fits(model, units, candidates, found, ckpt, config, target):
         store_path = _convert(
-            path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
+            path,
+            _cache_path(config, model, ckpt, units),
+            config,
+            auto_class,
+            dtype,
+            config.progress,
+            exact=True,
         )
     if store:
         _check_named_store(store, ckpt, path)
@@ -327,20 +334,23 @@ def convert(
     config: Optional[Config] = None,
     auto_class=None,
     dtype: Optional[torch.dtype] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> str:
     """Write an aligned, checksummed store from a checkpoint (safetensors, or PyTorch
     ``pytorch_model.bin`` files, sharded or not), tensor by tensor (one file open at a time,
     mapped), atomically. `store` is a file path or a directory (then the file is
     ``<ModelClass>.tstore`` inside it). Returns the store's path. With
     ``config.compression_enabled`` the units are compressed losslessly at
-    ``config.compression_level``."""
+    ``config.compression_level``. `progress`: a progress bar on stderr; ``None``:
+    ``config.progress`` when a config is given, else when stderr is a terminal."""
+    if progress is None and config is not None:
+        progress = config.progress
     return _convert(
         resolve_checkpoint(checkpoint), Path(store), config, auto_class, dtype, progress, exact=False
     )
 
 
-def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, exact: bool) -> str:
+def _convert(path: str, out: Path, config, auto_class, dtype, progress: Optional[bool], exact: bool) -> str:
     """convert() into `out`: exactly that file when `exact`, else a file or a directory."""
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
@@ -356,11 +366,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     total = sum(ckpt.tensors[n].nbytes for u in units for p in u.params for n in p.source_names)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}")
+    bar = bytes_bar(total, f"converting to {out.name}", progress)
     fp = hashlib.sha256()
     fp.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
     writer = _core.StoreWriter(str(out), "pending")
@@ -380,7 +386,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
                 writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), t.data_ptr(), nbytes)
                 digest = _core.checksum(t.data_ptr(), nbytes)
                 fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
-                if bar:
+                if bar is not None:
                     bar.update(sum(ckpt.tensors[n].nbytes for n in p.source_names))
                 del t
             writer.end_unit()
@@ -395,7 +401,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
         writer.abort()
         raise
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     return result
 

@@ -127,7 +127,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
                 )
                 raise
             log.warning("rebuilding store %s, which is damaged: %s", path, e)
-    write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level, code=code)
+    write_store(str(path), fp, model, units, progress=config.progress, compression_level=level, code=code)
     return StoreSource(_core.Store(str(path), fp))
 
 
