@@ -116,6 +116,29 @@ def test_weights_accelerate_offloaded_are_read_one_tensor_at_a_time(tmp_path, mo
     assert 0 < most[0] <= 2
 
 
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_offload_of_a_model_offloaded_with_accelerates_own_functions_matches_the_model_in_memory(
+    tmp_path, how
+):
+    """accelerate.cpu_offload and disk_offload of a model in memory: its hooks keep the weights
+    (a state dict in RAM, .dat files on disk) and load them back as new tensors when removed."""
+    import accelerate
+
+    ids = input_ids(length=7)
+    ref_logits, ref_tokens = logits_and_tokens(tiny_llama(tied=False, seed=8), ids)
+    model = tiny_llama(tied=False, seed=8)
+    if how == "cpu_offload":
+        accelerate.cpu_offload(model, execution_device="cpu")
+    else:
+        accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    assert any(p.device.type == "meta" for p in model.parameters())
+    model = ts.offload(model, ts.Config(tmp_path / "st", vram_budget_gb=_budget(model)))
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    logits, tokens = logits_and_tokens(model, ids)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+
 def test_a_refused_offload_leaves_the_dispatched_model_as_accelerate_left_it(tmp_path):
     ck = _checkpoint(tmp_path, tied=False)
     ids = input_ids(length=7)

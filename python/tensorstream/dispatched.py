@@ -65,22 +65,28 @@ def _holds(weights_map, key: str) -> bool:
 
 class Dispatch:
     """What accelerate dispatched on a model (its hooks, and where its offloaded tensors
-    lie), undone for :func:`tensorstream.offload` and put back if the offload is refused."""
+    lie), undone for :func:`tensorstream.offload` and put back if the offload is refused.
+
+    Offloaded tensors are known by where they are registered (module, name), not by object:
+    removing a hook whose weights were on the CPU before it was attached (a GPU run with CPU
+    offload) loads them back as new objects."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.hooked = [(m, m._hf_hook) for m in model.modules() if hasattr(m, "_hf_hook")]
         self.added = {}  # what dispatch_model set on the model itself (the `to` that warns)
-        self.lazy: dict = {}  # id(meta tensor) -> (hook, key in its weights map)
-        self.replaced: list = []  # (table, name, meta tensor) to put back on refusal
+        self.lazy: dict = {}  # (id(module), name) -> (hook, key in its weights map)
+        self.originals: list = []  # (table, name, tensor) as accelerate left them
+        self.changed = False
         missing = []
         for mod_name, mod, attr in _on_meta(model):
             found = self._find(mod_name, attr)
-            t = mod._parameters.get(attr, mod._buffers.get(attr))
+            table = mod._parameters if attr in mod._parameters else mod._buffers
+            self.originals.append((mod, table, attr, table[attr]))
             if found is None:
                 missing.append(f"{mod_name}.{attr}" if mod_name else attr)
             else:
-                self.lazy[id(t)] = found
+                self.lazy[(id(mod), attr)] = found
         if missing:
             where = "accelerate's hooks hold no value for" if self.hooked else "no data:"
             raise TensorStreamError(
@@ -111,17 +117,18 @@ class Dispatch:
     def value(self, p: ParamRef) -> torch.Tensor:
         """The value of streamed parameter `p`: read from accelerate's weights map (one tensor
         in memory at a time) where accelerate offloaded it, else the model's own."""
-        found = self.lazy.get(id(p.get()))
-        if found is None:
+        found = self.lazy.get((id(p.module), p.attr))
+        if found is None or p.get().device.type != "meta":
             return own_value(p)
         hook, key = found
         t = hook.weights_map[key]
         t = t.detach() if t.requires_grad else t
         return t if t.dtype == p.dtype else t.to(p.dtype)
 
-    def execution_device(self, t: torch.Tensor) -> torch.device:
-        """The device accelerate runs offloaded tensor `t` on (the CPU when it does not say)."""
-        hook, _ = self.lazy[id(t)]
+    def execution_device(self, module: nn.Module, attr: str) -> torch.device:
+        """The device accelerate runs offloaded tensor `attr` of `module` on (the CPU when it
+        does not say)."""
+        hook, _ = self.lazy[(id(module), attr)]
         return torch.device(hook.execution_device if hook.execution_device is not None else "cpu")
 
     def remove_hooks(self) -> None:
@@ -132,42 +139,44 @@ class Dispatch:
         from accelerate.hooks import remove_hook_from_module
 
         self.added = {k: v for k, v in vars(self.model).items() if k in ("to", "cuda", "hf_device_map")}
+        self.changed = True
         remove_hook_from_module(self.model, recurse=True)
         self.model.__dict__.pop("hf_device_map", None)  # it no longer describes the model
 
     def settle(self, streamed: set) -> None:
-        """Give every meta tensor a value where the model will hold it: the streamed
-        parameters (ids in `streamed`) placeholders of their shape (their values are in the
-        store), the others their value from accelerate's weights map, on the device
+        """Give every tensor accelerate offloaded a value where the model will hold it: the
+        streamed parameters (ids in `streamed`) placeholders of their shape (their values are
+        in the store), the others their value from accelerate's weights map, on the device
         accelerate ran them on. Tied tensors stay tied."""
         if not self.lazy:
             return
         from accelerate.utils import set_module_tensor_to_device
 
+        self.changed = True
         done: dict = {}
-        for _, mod, attr in _on_meta(self.model):
-            table = mod._parameters if attr in mod._parameters else mod._buffers
+        for mod, table, attr, _ in self.originals:
             t = table[attr]
-            self.replaced.append((table, attr, t))
+            device = self.execution_device(mod, attr)
             if id(t) in done:
                 table[attr] = done[id(t)]
-                continue
-            hook, key = self.lazy[id(t)]
-            if id(t) in streamed:
-                table[attr] = nn.Parameter(torch.zeros((), dtype=t.dtype).expand(t.shape), t.requires_grad)
-            else:
+            elif id(t) in streamed:
+                zero = torch.zeros((), dtype=t.dtype, device=device)
+                table[attr] = nn.Parameter(zero.expand(t.shape), t.requires_grad)
+            elif t.device.type == "meta":
+                hook, key = self.lazy[(id(mod), attr)]
                 # A copy: the value may view a file of the offload folder (accelerate's .dat memmaps).
                 value = hook.weights_map[key].to(t.dtype, copy=True)
-                set_module_tensor_to_device(mod, attr, self.execution_device(t), value=value)
+                set_module_tensor_to_device(mod, attr, device, value=value)
+            elif t.device != device:  # loaded back by the hook's removal, where it was before
+                set_module_tensor_to_device(mod, attr, device)
             done[id(t)] = table[attr]
 
     def restore(self) -> None:
         """Put the model back as accelerate dispatched it (after a refused offload)."""
-        for table, attr, t in reversed(self.replaced):
-            table[attr] = t
-        self.replaced = []
-        if not self.hooked:
+        if not self.changed:
             return
+        for _, table, attr, t in self.originals:
+            table[attr] = t
         from accelerate.hooks import add_hook_to_module
 
         for module, hook in self.hooked:

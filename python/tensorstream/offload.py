@@ -38,10 +38,13 @@ log = logging.getLogger("tensorstream")
 def _model_device(model: nn.Module, dispatch=None) -> torch.device:
     """Where the model runs: its first parameter's device, or for a parameter accelerate
     offloaded (on the meta device), the device accelerate ran it on."""
-    for p in model.parameters():
-        if p.device.type == "meta" and dispatch is not None:
-            return dispatch.execution_device(p)
-        return p.device
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is None:
+                continue
+            if p.device.type == "meta" and dispatch is not None:
+                return dispatch.execution_device(mod, attr)
+            return p.device
     return torch.device("cpu")
 
 
@@ -171,15 +174,15 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
             f"offload(draft={draft!r}) builds the draft from the model's weights, and accelerate offloaded some of "
             "them: load the model without a device_map, or give a draft model"
         )
-    units = analyse(model, config.units)
-    if not units:
-        raise InvalidArgumentError(
-            f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or more "
-            "blocks holding parameters; name them with Config(units=[...])"
-        )
     dispatch.remove_hooks()
     shared: list = []
     try:
+        units = analyse(model, config.units)
+        if not units:
+            raise InvalidArgumentError(
+                f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or "
+                "more blocks holding parameters; name them with Config(units=[...])"
+            )
         all_units = with_candidates(model, units)
         source = open_or_write_store(model, all_units, config, dispatch.value)
         if isinstance(draft, str):
