@@ -192,7 +192,7 @@ def check_devices(model: nn.Module) -> None:
     if len(devices) > 1:
         raise TensorStreamError(
             f"{type(model).__name__} has tensors on {len(devices)} devices ({', '.join(sorted(map(str, devices)))}): "
-            "tensorstream.offload() streams to one device. Load the model on one device (device_map=None, or a "
-            'device_map giving every module the same device, "disk" and "cpu" included), or use '
+            "tensorstream.offload() streams to one device. Load it for one device (one GPU, with CPU or disk "
+            'offload: device_map="auto" and max_memory naming that GPU alone), or use '
             "tensorstream.from_pretrained(CHECKPOINT, config, device=...)"
         )

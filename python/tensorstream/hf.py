@@ -138,7 +138,8 @@ def from_pretrained(
     one that transformers fuses, another dtype, any other conversion) the checkpoint is
     converted once, tensor by tensor, into a store under `config.storage_path`, reused by
     later loads of the same files, and the layers stream from it: a slot then holds only the
-    converted bytes. `store` names a store made by :func:`convert` to use instead.
+    converted bytes. `store` names a store made by :func:`convert` to use instead; one
+    converted from other checkpoint files raises :class:`~tensorstream.errors.StoreMismatchError`.
 
     `draft`: a draft model for speculative decoding, as for :func:`tensorstream.offload`.
     ``draft="int8"`` is refused here: it is built from the model's layer weights, which this

@@ -109,8 +109,8 @@ class Transfer:
         only then (:attr:`Context.fallback_when_run`), once."""
         msg = self.ctx.fallback_when_run
         if msg is not None:
+            self.ctx.fallback(msg)  # first: an interrupt here leaves it to the next bind
             self.ctx.fallback_when_run = None
-            self.ctx.fallback(msg)
 
     def bind(self, i: int) -> None:
         """Wait for unit `i` and point its parameters at its bytes."""
