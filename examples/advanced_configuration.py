@@ -66,7 +66,8 @@ def main() -> int:
             compression_level=3,  # 1 to 9: higher tries harder where zstd is used
             num_io_threads=4,  # I/O worker threads reading (and decoding) layers
             memory_pressure_mode=MemoryPressureMode.AGGRESSIVE,  # conservative, balanced, or aggressive (2 ahead)
-            debug_mode=False,  # True: log every layer access and show a progress bar when writing the store
+            debug_mode=False,  # True: log every layer access at DEBUG level (logger "tensorstream")
+            progress=None,  # progress bar on stderr while the store is written; None: when stderr is a terminal
             host_cache_gb=None,  # CUDA: pinned host RAM keeping layers off the disk; None: 40% of free RAM
             units=[
                 "LlamaDecoderLayer"

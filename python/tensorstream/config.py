@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Optional, Union
 
 from .errors import ConfigError
+from .progress import show_progress
 
 
 class BackendType(str, Enum):
@@ -78,24 +79,68 @@ def _coerce(enum_cls: type[Enum], value: EnumLike, field_name: str) -> Enum:
 
 @dataclass
 class Config:
-    """Settings of :func:`tensorstream.offload`.
+    """Settings of :func:`tensorstream.offload` and :func:`tensorstream.from_pretrained`.
 
-    ``vram_budget_gb`` is the budget for the model weights TensorStream keeps on the device
-    that runs the model: the modules that are not streamed, the resident units and the
-    buffers in flight. Activations and the KV cache belong to the model and sit outside it.
-    On a CPU-only run the device is host RAM. ``None`` picks a default: on CPU the available
-    RAM minus a headroom of max(2 GiB, 10%); on CUDA 80% of the free device memory.
+    Fields (each also documented where it is declared):
+
+    - ``storage_path``: the directory that holds the stores (required).
+    - ``vram_budget_gb``: the budget, in GiB, for the model weights TensorStream keeps on the
+      device that runs the model: the modules that are not streamed, the resident units and
+      the buffers in flight. Activations and the KV cache belong to the model and sit
+      outside it. On a CPU-only run the device is host RAM. ``None`` picks a default: on CPU
+      the available RAM minus a headroom of max(2 GiB, 10%); on CUDA 80% of the free device
+      memory.
+    - ``backend`` (``"auto"``): how unit bytes reach the device, a :class:`BackendType`. One
+      that cannot run where the model runs falls back visibly (a warning and an entry in
+      ``get_model_statistics(model)["fallbacks"]``).
+    - ``prefetch_strategy`` (``"adaptive"``): how far ahead units are loaded, a
+      :class:`PrefetchStrategy`.
+    - ``compression_enabled`` (``False``), ``compression_level`` (3, from 1 to 9): write the
+      store compressed losslessly, at that zstd level.
+    - ``num_io_threads`` (4, from 1 to 64): the I/O worker threads of each read engine.
+    - ``memory_pressure_mode`` (``"balanced"``): how eagerly the budget is used and the
+      default memory headroom, a :class:`MemoryPressureMode`.
+    - ``debug_mode`` (``False``): log each unit access and the runtime's decisions at DEBUG
+      level on the ``tensorstream`` logger (set up with ``logging.basicConfig``).
+    - ``host_cache_gb`` (``None``): CUDA only, pinned host RAM that keeps units between
+      forwards; ``None`` 40% of the available RAM, ``0`` none; at most half the RAM.
+    - ``units`` (``None``): the streamable units, as module or class names; ``None``: the
+      blocks of the model's largest ModuleList or Sequential.
+    - ``overwrite_store`` (``False``): replace a store at the same path written for another
+      model instead of raising ``StoreMismatchError``.
+    - ``store_name`` (``None``): the store's file name under ``storage_path``; ``None``:
+      ``<ModelClass>.tstore``.
+    - ``chunk_mb`` (8, a multiple of 4 from 4 to 1024): the size of one read request, MiB.
+    - ``sparse_embeddings`` (``False``): on the CPU paths, stream an untied input embedding
+      by rows, reading only the rows a forward looks up.
+    - ``memory_headroom_gb`` (``None``): the free memory below which the budget yields;
+      ``None``: 10%, 5% or 2% of the device's memory by ``memory_pressure_mode``.
+    - ``progress`` (``None``): show a progress bar (tqdm, on stderr) while a store is written
+      or a checkpoint converted; ``None``: when stderr is a terminal. ``False`` turns it off.
+
+    Example::
+
+        config = tensorstream.Config("/fast/nvme/ts", vram_budget_gb=3, backend="pread")
     """
 
     storage_path: Union[str, os.PathLike]
+    """The directory that holds the stores."""
     vram_budget_gb: Optional[float] = None
+    """GiB of weights kept on the device that runs the model (see the class docstring)."""
     backend: EnumLike = BackendType.AUTO
+    """How unit bytes reach the device (:class:`BackendType`)."""
     prefetch_strategy: EnumLike = PrefetchStrategy.ADAPTIVE
+    """How far ahead units are loaded (:class:`PrefetchStrategy`)."""
     compression_enabled: bool = False
+    """Write the store compressed losslessly."""
     compression_level: int = 3
+    """The zstd level of a compressed store, 1 to 9."""
     num_io_threads: int = 4
+    """I/O worker threads of each read engine, 1 to 64."""
     memory_pressure_mode: EnumLike = MemoryPressureMode.BALANCED
+    """How eagerly the budget is used (:class:`MemoryPressureMode`)."""
     debug_mode: bool = False
+    """Log each unit access and the runtime's decisions at DEBUG level (logger ``tensorstream``)."""
     host_cache_gb: Optional[float] = None
     """CUDA only: pinned host RAM that keeps units so repeated forwards skip the disk.
     ``None``: 40% of the available RAM; ``0`` disables it. Always capped at half the
@@ -120,6 +165,9 @@ class Config:
     planner gives up kept units, then prefetch, until one and a half headrooms are free, and
     takes them back when more than two are. ``None``: a share of the device's capacity by
     ``memory_pressure_mode``: 10% conservative, 5% balanced, 2% aggressive."""
+    progress: Optional[bool] = None
+    """A progress bar (tqdm, on stderr) while a store is written or a checkpoint converted.
+    ``None``: shown when stderr is a terminal; ``True`` always; ``False`` never."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage_path, (str, os.PathLike)) or str(self.storage_path) == "":
@@ -147,6 +195,8 @@ class Config:
         for name in ("compression_enabled", "debug_mode", "overwrite_store", "sparse_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r} must be True or False")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(f"Config.progress={self.progress!r} must be True, False or None")
         _check_int(self, "compression_level", 1, 9)
         _check_int(self, "num_io_threads", 1, 64)
         _check_int(self, "chunk_mb", 4, 1024)
@@ -162,6 +212,12 @@ class Config:
             not self.store_name or "/" in self.store_name or self.store_name in (".", "..")
         ):
             raise ConfigError(f"Config.store_name={self.store_name!r} must be a plain file name")
+
+    @property
+    def shows_progress(self) -> bool:
+        """Whether writing a store shows a progress bar: ``progress``, or when it is None
+        whether stderr is a terminal."""
+        return show_progress(self.progress)
 
     @property
     def budget_bytes(self) -> Optional[int]:

@@ -46,7 +46,6 @@ def build(rt) -> None:
     choice = select_path(cfg, rt.device, mappable, rt.source.file_len, available_ram(), gds)
     if choice.fallback:
         rt.fallback(choice.fallback)
-    rt.fallback_if_run = choice.fallback_if_run
     rt.planner = new_planner(rt)
     rt.relearned = False
     rt.engine = engine_for(rt, choice.engine_backend)
@@ -62,6 +61,7 @@ def build(rt) -> None:
         counters=rt.counters,
         planner_used=lambda: rt.planner.stats()["used"] if rt.planner else 0,
         fallback=rt.fallback,
+        fallback_when_run=choice.fallback_if_run,
     )
     rt.transfer = PATHS[choice.kind](ctx)
     if rt.budget_plan.sparse:

@@ -22,6 +22,7 @@ from .errors import InvalidArgumentError, StoreCorruptedError, StoreMismatchErro
 from .module import install
 from .offload import unit_sizes
 from .plain import plain_bytes, plain_cpu
+from .progress import bytes_bar
 from .runtime import Runtime
 from .sources import StoreSource
 from .speculative import attach_draft, check_draft
@@ -138,7 +139,8 @@ def from_pretrained(
     one that transformers fuses, another dtype, any other conversion) the checkpoint is
     converted once, tensor by tensor, into a store under `config.storage_path`, reused by
     later loads of the same files, and the layers stream from it: a slot then holds only the
-    converted bytes. `store` names a store made by :func:`convert` to use instead.
+    converted bytes. `store` names a store made by :func:`convert` to use instead; one
+    converted from other checkpoint files raises :class:`~tensorstream.errors.StoreMismatchError`.
 
     `draft`: a draft model for speculative decoding, as for :func:`tensorstream.offload`.
     ``draft="int8"`` is refused here: it is built from the model's layer weights, which this
@@ -168,8 +170,16 @@ def from_pretrained(
     target = torch.device(device if device is not None else "cpu")
     if not store_path and not _in_place_fits(model, units, candidates, found, ckpt, config, target):
         store_path = _convert(
-            path, _cache_path(config, model, ckpt, units), config, auto_class, dtype, True, exact=True
+            path,
+            _cache_path(config, model, ckpt, units),
+            config,
+            auto_class,
+            dtype,
+            config.progress,
+            exact=True,
         )
+    if store:
+        _check_named_store(store, ckpt, path)
     if store_path:
         source = StoreSource(_core.Store(str(store_path)))
         for u in units + candidates:  # stores name tensors relative to their unit
@@ -271,6 +281,30 @@ def _cache_path(config: Config, model: nn.Module, ckpt: Checkpoint, units: list)
     return Path(config.storage_path) / f"{type(model).__name__}.{key[:16]}.{dtypes}.tstore"
 
 
+def _check_named_store(store, ckpt: Checkpoint, path: str) -> None:
+    """Refuse a store named with ``store=`` that was not converted from these checkpoint files:
+    it would run another checkpoint's weights of the same shapes without a word. The store
+    records the identity of the files it was converted from (``source_checkpoint_id``,
+    :func:`_checkpoint_id`: their names, sizes, headers, inodes and modification times)."""
+    meta = _core.Store(str(store)).metadata
+    recorded = meta.get("source_checkpoint_id")
+    ident = _checkpoint_id(ckpt)
+    if recorded == ident:
+        return
+    origin = meta.get("source_checkpoint")
+    if recorded is None:
+        made = "records no source checkpoint (it was written by offload() or by an older version)"
+    else:
+        made = f"was converted from {origin or 'a checkpoint'} (identity {recorded})"
+    raise StoreMismatchError(
+        f"store {store} {made}, not from {path} (identity {ident}): it may hold other weights of the same "
+        f"shapes. Convert this checkpoint with tensorstream.convert({str(path)!r}, STORE) and name that "
+        "store, or leave store= out (from_pretrained streams the checkpoint or converts it once). The "
+        "identity is of the files: a checkpoint copied, moved or saved over since the conversion is "
+        "converted again"
+    )
+
+
 def _find_store(config: Config, model: nn.Module, ckpt: Checkpoint, units: list) -> Optional[str]:
     """A store under `config.storage_path` converted from this checkpoint (by `convert`, or
     by an earlier from_pretrained), holding these units, in the dtypes the model asks for (a
@@ -302,20 +336,23 @@ def convert(
     config: Optional[Config] = None,
     auto_class=None,
     dtype: Optional[torch.dtype] = None,
-    progress: bool = True,
+    progress: Optional[bool] = None,
 ) -> str:
     """Write an aligned, checksummed store from a checkpoint (safetensors, or PyTorch
     ``pytorch_model.bin`` files, sharded or not), tensor by tensor (one file open at a time,
     mapped), atomically. `store` is a file path or a directory (then the file is
     ``<ModelClass>.tstore`` inside it). Returns the store's path. With
     ``config.compression_enabled`` the units are compressed losslessly at
-    ``config.compression_level``."""
+    ``config.compression_level``. `progress`: a progress bar on stderr; ``None``:
+    ``config.progress`` when a config is given, else when stderr is a terminal."""
+    if progress is None and config is not None:
+        progress = config.progress
     return _convert(
         resolve_checkpoint(checkpoint), Path(store), config, auto_class, dtype, progress, exact=False
     )
 
 
-def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, exact: bool) -> str:
+def _convert(path: str, out: Path, config, auto_class, dtype, progress: Optional[bool], exact: bool) -> str:
     """convert() into `out`: exactly that file when `exact`, else a file or a directory."""
     model = _skeleton(path, auto_class, dtype)
     units = with_candidates(model, analyse(model, config.units if config else None))
@@ -331,11 +368,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     total = sum(ckpt.tensors[n].nbytes for u in units for p in u.params for n in p.source_names)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {out.name}")
+    bar = bytes_bar(total, f"converting to {out.name}", progress)
     fp = hashlib.sha256()
     fp.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
     writer = _core.StoreWriter(str(out), "pending")
@@ -355,13 +388,14 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
                 writer.add_tensor(rel, TORCH_TO_ST[t.dtype], list(t.shape), *where)
                 digest = _core.checksum(*where)
                 fp.update(f"|{rel}:{TORCH_TO_ST[t.dtype]}:{list(t.shape)}:{digest:016x}".encode())
-                if bar:
+                if bar is not None:
                     bar.update(sum(ckpt.tensors[n].nbytes for n in p.source_names))
                 del t
             writer.end_unit()
         ckpt.close()
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
         writer.set_metadata("source_checkpoint_id", _checkpoint_id(ckpt))
+        writer.set_metadata("source_checkpoint", os.path.abspath(path))
         writer.set_metadata("writer", "tensorstream convert " + _core.__version__)
         writer.set_fingerprint(fp.hexdigest()[:32])
         result = writer.finish()
@@ -369,7 +403,7 @@ def _convert(path: str, out: Path, config, auto_class, dtype, progress: bool, ex
         writer.abort()
         raise
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     return result
 

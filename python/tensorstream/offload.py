@@ -16,6 +16,7 @@ from torch import nn
 from . import _core
 from .budget import streamed_subset
 from .config import BackendType, Config
+from .dispatched import Dispatch, check_devices
 from .errors import (
     ConfigError,
     InvalidArgumentError,
@@ -29,14 +30,21 @@ from .runtime import Runtime
 from .sources import StoreSource, has_digests
 from .speculative import attach_draft, check_draft, detach_draft
 from .speculative.selfdraft import build_int8_draft
-from .units import analyse, fingerprint, with_candidates, write_store
+from .units import analyse, fingerprint, own_value, with_candidates, write_store
 
 log = logging.getLogger("tensorstream")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+def _model_device(model: nn.Module, dispatch=None) -> torch.device:
+    """Where the model runs: its first parameter's device, or for a parameter accelerate
+    offloaded (on the meta device), the device accelerate ran it on."""
+    for mod in model.modules():
+        for attr, p in mod._parameters.items():
+            if p is None:
+                continue
+            if p.device.type == "meta" and dispatch is not None:
+                return dispatch.execution_device(mod, attr)
+            return p.device
     return torch.device("cpu")
 
 
@@ -70,11 +78,11 @@ def store_code(config: Config, device: torch.device) -> str:
     return "table" if gpu else "bytegroup"
 
 
-def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreSource:
+def open_or_write_store(model: nn.Module, units: list, config: Config, value=own_value) -> StoreSource:
     """Reuse the store under `config.storage_path` if it was written for this model, else
     write it. A store written for another model is refused unless `overwrite_store`. A
     store of this model whose compression (code or level) differs from the config's is
-    rewritten."""
+    rewritten. `value` gives a parameter's value (:func:`units.fingerprint`)."""
     root = Path(config.storage_path)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -85,7 +93,7 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
     name = config.store_name or f"{type(model).__name__}.tstore"
     path = root / name
     _clean_stale_temps(path)
-    fp = fingerprint(model, units)
+    fp = fingerprint(model, units, value)
     level = config.compression_level if config.compression_enabled else None
     code = store_code(config, _model_device(model))
     if path.exists():
@@ -127,7 +135,9 @@ def open_or_write_store(model: nn.Module, units: list, config: Config) -> StoreS
                 )
                 raise
             log.warning("rebuilding store %s, which is damaged: %s", path, e)
-    write_store(str(path), fp, model, units, progress=config.debug_mode, compression_level=level, code=code)
+    write_store(
+        str(path), fp, model, units, progress=config.progress, compression_level=level, code=code, value=value
+    )
     return StoreSource(_core.Store(str(path), fp))
 
 
@@ -156,24 +166,36 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
         raise TensorStreamError("this model is already offloaded; offload() it once")
     if draft is not None:
         check_draft(draft, model)
-    units = analyse(model, config.units)
-    if not units:
+    # A model accelerate dispatched: its offloaded weights are read from accelerate's weights
+    # map one at a time, its hooks removed (and put back if the offload is refused).
+    dispatch = Dispatch(model)
+    if isinstance(draft, str) and dispatch.lazy:
         raise InvalidArgumentError(
-            f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or more "
-            "blocks holding parameters; name them with Config(units=[...])"
+            f"offload(draft={draft!r}) builds the draft from the model's weights, and accelerate offloaded some of "
+            "them: load the model without a device_map, or give a draft model"
         )
-    all_units = with_candidates(model, units)
-    source = open_or_write_store(model, all_units, config)
-    if isinstance(draft, str):
-        draft = build_int8_draft(model)  # while the weights are real: install() frees them
-    if draft is not None:
-        attach_draft(model, draft)  # not a submodule: not in the model's state_dict
+    dispatch.remove_hooks()
     shared: list = []
     try:
-        device = _model_device(model)
+        units = analyse(model, config.units)
+        if not units:
+            raise InvalidArgumentError(
+                f"found no streamable units in {type(model).__name__}: no ModuleList or Sequential with two or "
+                "more blocks holding parameters; name them with Config(units=[...])"
+            )
+        all_units = with_candidates(model, units)
+        source = open_or_write_store(model, all_units, config, dispatch.value)
+        if isinstance(draft, str):
+            draft = build_int8_draft(model)  # while the weights are real: install() frees them
+        if draft is not None:
+            attach_draft(model, draft)  # not a submodule: not in the model's state_dict
+        device = _model_device(model, dispatch)
         units = streamed_subset(
             model, units, all_units[len(units) :], unit_sizes(all_units, source), config, device
         )
+        dispatch.settle({id(p.get()) for u in units for p in u.params})
+        if dispatch.active:
+            check_devices(model)
         if draft is not None:
             shared = _own_copies(draft, units)
         install(model, Runtime(model, units, source, config, device))
@@ -181,6 +203,7 @@ def offload(model: nn.Module, config: Config, draft: Union[nn.Module, str, None]
         detach_draft(model)  # a refused model is left as it was
         for module, name, t in shared:
             module._parameters[name] = t
+        dispatch.restore()
         raise
     return model
 

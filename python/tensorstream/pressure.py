@@ -14,6 +14,7 @@ docs/design.md.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -51,7 +52,14 @@ _probe: list = []
 
 def set_memory_probe(fn: Optional[Callable[[torch.device], MemoryReading]]) -> None:
     """Replace how free memory is read: `fn(device)` returns a :class:`MemoryReading` (for
-    tests, or to budget against a limit of your own). ``None`` restores the built-in probe."""
+    tests, or to budget against a limit of your own). ``None`` restores the built-in probe.
+
+    Each reading is checked: ``free`` must be a finite number of bytes >= 0 and ``capacity``
+    one > 0 (an int, or a float, rounded down). Anything else (NaN, inf, a
+    negative number, a tuple, ``None``) raises :class:`~tensorstream.errors.InvalidArgumentError`
+    naming the probe and what it returned, from the forward that read it (the model is
+    recovered and runs again once the probe is fixed or ``set_memory_probe(None)`` is called):
+    a budget computed from nonsense would be silently wrong, so it is never used."""
     _probe.clear()
     if fn is not None:
         if not callable(fn):
@@ -64,10 +72,35 @@ def read_memory(device: torch.device) -> MemoryReading:
     allocator holds unused, within ``torch.cuda.set_per_process_memory_fraction``'s cap; on
     CPU the available RAM, within the memory cgroup's limit when there is one."""
     if _probe:
-        return _probe[0](device)
+        return checked_reading(_probe[0], _probe[0](device), device)
     if device.type == "cuda":
         return _cuda(device)
     return _cpu()
+
+
+def checked_reading(fn, reading, device: torch.device) -> MemoryReading:
+    """`reading`, what probe `fn` returned for `device`, as a valid :class:`MemoryReading`
+    (numbers made ints), or InvalidArgumentError naming the probe and the value."""
+
+    def nonsense(why: str) -> InvalidArgumentError:
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return InvalidArgumentError(
+            f"the memory probe {name} set with tensorstream.set_memory_probe returned {reading!r} for "
+            f"{device}: {why}. Return MemoryReading(free=<bytes>, capacity=<bytes>), or call "
+            "set_memory_probe(None) to use the built-in probe"
+        )
+
+    if not isinstance(reading, MemoryReading):
+        raise nonsense(f"not a MemoryReading but a {type(reading).__name__}")
+    values = {}
+    for name, least in (("free", 0), ("capacity", 1)):
+        v = getattr(reading, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise nonsense(f"{name} must be a finite number of bytes, not {v!r}")
+        if v < least:
+            raise nonsense(f"{name} must be {'>= 0' if least == 0 else '> 0'} bytes, not {v!r}")
+        values[name] = int(v)
+    return MemoryReading(**values)
 
 
 def _cuda(device: torch.device) -> MemoryReading:

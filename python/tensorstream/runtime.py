@@ -62,7 +62,6 @@ class Runtime:
         self.sizes = self.placement.sizes
         self.counters = Counters()
         self.engines: dict = {}  # read backend -> engine, kept for the runtime's life
-        self.fallback_if_run: Optional[str] = None  # a fallback that counts once a forward runs on the CPU
         self.lock = threading.RLock()
         """The model's lock: passes, units and reads outside them take turns."""
         self._depth = 0
@@ -196,8 +195,6 @@ class Runtime:
 
     def _begin_pass(self) -> None:
         self.ensure_configured()
-        if self.fallback_if_run and self.device.type == "cpu":
-            self.fallback(self.fallback_if_run)
         if torch.is_grad_enabled():
             for u in self.units:
                 self.placement.check_frozen(u.index)

@@ -4,7 +4,8 @@ the model's fingerprint."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -15,6 +16,7 @@ from . import _core
 from .consts import TORCH_TO_ST, tensor_bytes
 from .errors import ConfigError, TensorStreamError
 from .plain import check_initialised, plain_bytes, plain_cpu, why_not_streamable
+from .progress import bytes_bar
 from .sparse_kinds import experts_and_routers
 
 
@@ -260,16 +262,23 @@ def with_candidates(model: nn.Module, units: list) -> list:
     return allu
 
 
-def fingerprint(model: nn.Module, units: list) -> str:
+def own_value(p: ParamRef) -> torch.Tensor:
+    """The parameter's value as the model holds it."""
+    return p.get().detach()
+
+
+def fingerprint(model: nn.Module, units: list, value: Callable[[ParamRef], torch.Tensor] = own_value) -> str:
     """Identify the model: its class and, per unit, each tensor's name, dtype, shape and
-    content checksum. Two models that differ in any streamed byte differ here."""
+    content checksum. Two models that differ in any streamed byte differ here. `value` gives
+    a parameter's value (one at a time: a model whose weights lie elsewhere, such as one
+    accelerate offloaded to disk, is never materialised whole)."""
     h = hashlib.sha256()
     h.update(f"tensorstream-v1|{type(model).__module__}.{type(model).__qualname__}".encode())
     for u in units:
         h.update(f"|unit:{u.name}".encode())
         for p in u.params:
             name = f"{u.name}.{p.store_name}"
-            t = plain_cpu(p.get(), name)  # held while the core reads its bytes
+            t = plain_cpu(value(p), name)  # held while the core reads its bytes
             digest = _core.checksum(*plain_bytes(t, name))
             h.update(f"|{p.store_name}:{TORCH_TO_ST[p.dtype]}:{list(p.shape)}:{digest:016x}".encode())
     return h.hexdigest()[:32]
@@ -280,32 +289,38 @@ def write_store(
     fp: str,
     model: nn.Module,
     units: list,
-    progress: bool = False,
+    progress: Optional[bool] = None,
     compression_level: Optional[int] = None,
     code: str = "bytegroup",
+    value: Callable[[ParamRef], torch.Tensor] = own_value,
 ) -> str:
     """Write the units' parameters to a new store at `path`, atomically: coded losslessly
     in chunks with `code`'s code ("bytegroup": decoded on the CPU, zstd
     `compression_level` for the planes zstd codes; "table": decoded on the GPU), or raw
-    when `compression_level` is None."""
+    when `compression_level` is None. `progress`: a progress bar on stderr (None: when
+    stderr is a terminal, :mod:`.progress`). `value` gives each parameter's value, one at a
+    time (see :func:`fingerprint`)."""
     writer = _core.StoreWriter(path, fp)
+    bar = bytes_bar(sum(u.nbytes for u in units), f"writing {os.path.basename(path)}", progress)
     try:
         writer.set_compression(compression_level, code=code)
         writer.set_metadata("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
         writer.set_metadata("writer", "tensorstream " + _core.__version__)
-        it = units
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(units, desc="writing store", unit="unit")
-        for u in it:
+        for u in units:
             writer.begin_unit(u.name)
             for p in u.params:
                 name = f"{u.name}.{p.store_name}"
-                t = plain_cpu(p.get(), name)
-                writer.add_tensor(p.store_name, TORCH_TO_ST[p.dtype], list(p.shape), *plain_bytes(t, name))
+                t = plain_cpu(value(p), name)
+                where = plain_bytes(t, name)
+                writer.add_tensor(p.store_name, TORCH_TO_ST[p.dtype], list(p.shape), *where)
+                if bar is not None:
+                    bar.update(where[1])
+                del t
             writer.end_unit()
         return writer.finish()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if bar is not None:
+            bar.close()

@@ -67,6 +67,11 @@ class Context:
     counters: object
     planner_used: Callable[[], int]
     fallback: Callable[[str], None]
+    fallback_when_run: Optional[str] = None
+    """A fallback that counts once a unit computes through this path (a GPU backend asked
+    for, the model on the CPU: offloading on the CPU, then ``model.to("cuda")``, is the usual
+    order): reported at the first bind, whether the unit runs in the model's forward or by
+    itself (``model.model(ids)``, an encoder ``generate()`` runs alone)."""
     sizes: list = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,8 +104,17 @@ class Transfer:
     def after_compute(self, i: int) -> None:
         pass
 
+    def computes(self) -> None:
+        """A unit is about to compute through this path: report the fallback that counts
+        only then (:attr:`Context.fallback_when_run`), once."""
+        msg = self.ctx.fallback_when_run
+        if msg is not None:
+            self.ctx.fallback(msg)  # first: an interrupt here leaves it to the next bind
+            self.ctx.fallback_when_run = None
+
     def bind(self, i: int) -> None:
         """Wait for unit `i` and point its parameters at its bytes."""
+        self.computes()
         pl = self.ctx.placement
         args = self.ready(i)
         if args is None:

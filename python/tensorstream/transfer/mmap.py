@@ -93,6 +93,7 @@ class MmapTransfer(Transfer):
             self.map.madvise(MADV_DONTNEED, lo, n)
 
     def bind_slices(self, i: int) -> None:
+        self.computes()
         self.ctx.placement.set_bound(i, True)
 
     def describe(self) -> str:

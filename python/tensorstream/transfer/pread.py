@@ -76,6 +76,7 @@ class PreadTransfer(PooledTransfer):
                 m.madvise(MADV_DONTNEED, lo, hi - lo)
 
     def bind_slices(self, i: int) -> None:
+        self.computes()
         pl = self.ctx.placement
         pl.bind(i, self._slice_buffer(i)[1], 0, pl.converts[i])
 
