@@ -35,6 +35,26 @@ impl MmapBackend {
     }
 }
 
+/// Drop the pages of `len` bytes at `offset` from this process once they were copied: the
+/// copy is the budget's memory, and the mapping's pages would otherwise stay resident (in
+/// RSS, outside any budget) until the mapping goes. They stay in the page cache, and a later
+/// read faults them in again with the same content.
+fn drop_pages(m: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let start = offset / PAGE * PAGE;
+    let end = (offset + len).div_ceil(PAGE) * PAGE;
+    let end = end.min(m.len());
+    if end > start {
+        // SAFETY: the mapping is shared, read-only and of a file that is never modified in
+        // place (see `map`): dropping its pages loses nothing, and any reader (another
+        // worker copying a neighbouring range) faults the same bytes in again from the file.
+        // A failure only leaves the pages resident.
+        let _ = unsafe {
+            m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
+}
+
 impl ReadBackend for MmapBackend {
     fn name(&self) -> String {
         "mmap".into()
@@ -48,6 +68,7 @@ impl ReadBackend for MmapBackend {
             return Err(eof(path, offset, len, avail));
         }
         dst.copy_from_slice(&m[offset as usize..(offset + len) as usize]);
+        drop_pages(&m, offset as usize, len as usize);
         Ok(())
     }
 
