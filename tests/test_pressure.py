@@ -9,6 +9,7 @@ offloaded models hold counts as used (except a mapping's pages, which are page c
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -38,6 +39,10 @@ def probe_every_unit(monkeypatch):
     monkeypatch.setattr(pressure, "PROBE_INTERVAL", 0)
     # Out-of-memory errors are simulated on the CPU here (only CUDA raises them for real).
     monkeypatch.setattr(oom, "RETRY_DEVICES", {"cuda", "cpu"})
+    # Models of earlier tests that are garbage but not yet collected (a model and its runtime
+    # form a cycle) still stream to the CPU, and every model on a device yields to one signal:
+    # collect them so that the models here are the only ones (as offload() does for budgets).
+    gc.collect()
 
 
 def unit_bytes(model) -> int:
