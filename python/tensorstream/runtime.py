@@ -198,9 +198,6 @@ class Runtime:
         self.ensure_configured()
         if self.fallback_if_run and self.device.type == "cpu":
             self.fallback(self.fallback_if_run)
-        if torch.is_grad_enabled():
-            for u in self.units:
-                self.placement.check_frozen(u.index)
         if self._ran_outside and not self.relearned and self.planner.learned_order() is None:
             self._relearn()
         self._ran_outside = False
