@@ -109,10 +109,10 @@ class _CandidateGenerator(_Forward):
     """``model._get_candidate_generator``, which transformers' assisted generation calls:
     one that drafts the next pass while the target verifies this one, where it can."""
 
-    def __call__(self, **kwargs):
+    def __call__(self, *args, **kwargs):
         from .speculative.assisted import candidate_generator  # transformers, as above
 
-        return candidate_generator(self.orig, **kwargs)
+        return candidate_generator(self.orig, *args, **kwargs)
 
 
 class _Locked(_Forward):
