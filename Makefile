@@ -6,7 +6,7 @@ DEPS    := $(VENV)/.deps-stamp
 BUILT   := $(VENV)/.built-stamp
 SOURCES := $(shell find crates python -name '*.rs' -o -name '*.py' -o -name 'Cargo.toml' 2>/dev/null) Cargo.toml pyproject.toml
 
-.PHONY: demo test test-rs test-py test-gpu lint format bench bench-cpu bench-gpu bench-io wheel clean
+.PHONY: demo test test-rs test-py test-gpu test-compat lint format bench bench-cpu bench-gpu bench-io wheel clean
 
 demo: $(BUILT)
 	$(VENV)/bin/tensorstream demo
@@ -21,6 +21,24 @@ test-py: $(BUILT)
 
 test-gpu: $(BUILT)
 	$(PY) -m pytest -q -m gpu tests
+
+# The tests that depend most on torch's and transformers' internals, against the newest
+# versions pyproject.toml's ranges allow (the rest pinned as in requirements-dev.txt), in a
+# virtualenv of their own; `make test` runs the pins. Run by .ci/run after `make test`.
+COMPAT_VENV  ?= .venv-compat
+COMPAT_PY    := $(COMPAT_VENV)/bin/python
+COMPAT_TESTS ?= tests/test_speculative.py tests/test_speculative_api.py tests/test_selfdraft.py \
+                tests/test_families.py tests/test_module_contract.py tests/test_grad_mode.py tests/test_compile.py
+
+test-compat:
+	test -x $(COMPAT_PY) || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip uv
+	python3 .ci/newest_overrides.py > $(COMPAT_VENV)/newest.txt
+	$(COMPAT_VENV)/bin/uv pip install -q --python $(COMPAT_PY) --upgrade -r requirements-dev.txt \
+		--override $(COMPAT_VENV)/newest.txt
+	VIRTUAL_ENV=$(abspath $(COMPAT_VENV)) PATH=$(abspath $(COMPAT_VENV))/bin:$$PATH $(COMPAT_VENV)/bin/maturin develop --release -q
+	$(COMPAT_PY) -c 'import torch, transformers; print("test-compat: torch", torch.__version__, "transformers", transformers.__version__)'
+	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS)
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -58,7 +76,7 @@ bench-io:
 	bash bench/io_read.sh
 
 clean:
-	rm -rf $(VENV) target dist
+	rm -rf $(VENV) $(COMPAT_VENV) target dist
 
 # Fuzz the parsers (not part of `make test`): each target runs FUZZ_SECONDS from the checked-in
 # seeds (fuzz/seeds/) plus the corpus it grew before (fuzz/corpus/, ignored by git). Needs

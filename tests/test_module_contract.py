@@ -7,8 +7,8 @@ streamed expert by expert (tensorstream.sparse):
 - a streamed weight read outside a forward gives its real values; a write raises;
 - two or more threads calling generate() on one model each get the reference's tokens;
 - after os.fork() the child runs forwards with identical outputs (no hang);
-- training: a forward that would train streamed weights raises TensorStreamError before
-  computing; a frozen streamed base with peft LoRA adapters trains with the reference's
+- training: a forward in grad mode computes as the model in memory does; a gradient into a
+  streamed weight raises TensorStreamError at backward(); a frozen streamed base with peft LoRA adapters trains with the reference's
   gradients and updates;
 - copy.deepcopy gives a working copy sharing the store; pickling raises TensorStreamError.
 
@@ -241,16 +241,23 @@ def test_forked_child_runs_forwards_with_identical_outputs(tmp_path, backend, ho
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("how", list(BUILDERS))
-def test_training_streamed_weights_is_refused_before_computing(tmp_path, backend, how):
-    _ref, model = BUILDERS[how](tmp_path, backend)
-    for p in model.parameters():
-        p.requires_grad_(True)
+def test_training_streamed_weights_is_refused_at_backward(tmp_path, backend, how):
+    ref, model = BUILDERS[how](tmp_path, backend)
+    for m in (ref, model):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    ids = input_ids()
+    want = ref(ids).logits
     before = ts.get_model_statistics(model)["accesses"]
+    got = model(ids).logits  # grad mode: the forward computes as the model in memory does
+    assert ts.get_model_statistics(model)["accesses"] > before
+    assert torch.equal(got, want) and got.requires_grad and want.requires_grad
     with pytest.raises(TensorStreamError, match="read-only.*requires_grad_\\(False\\)"):
-        model(input_ids())
-    assert ts.get_model_statistics(model)["accesses"] == before
+        got.sum().backward()
+    streamed = [t for objs in model._tensorstream.placement.objects for t in objs]
+    assert streamed and all(t.grad is None for t in streamed), "no gradient reached a streamed weight"
     with torch.no_grad():  # inference is still fine
-        model(input_ids())
+        assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 def _lora(model):

@@ -216,6 +216,21 @@ _WRITES.add(_T.data.__set__)  # replacing a streamed weight's data: read-only to
 _DATA = _T.data.__get__
 
 
+class _RefuseGradient:
+    """The hook of a streamed parameter that requires grad: raises when backward reaches it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, grad):
+        raise TensorStreamError(
+            f"{self.name}: streamed weights are read-only, and this backward() would compute their gradient "
+            "(requires_grad=True): a training step would change weights that live in the store. Freeze the "
+            "streamed weights, for example `for p in model.parameters(): p.requires_grad_(False)`, and train "
+            "adapters on top (peft LoRA works); a forward alone needs nothing (torch.no_grad() saves memory)."
+        )
+
+
 def placeholder(dtype: torch.dtype, device: torch.device, shape: tuple) -> torch.Tensor:
     """A one-element tensor expanded to `shape`: right dtype, device and shape, no memory."""
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
@@ -303,23 +318,21 @@ class Placement:
                     "changed model and load it again."
                 )
 
-    def check_frozen(self, i: int) -> None:
-        """Raise if this forward would train a streamed parameter of unit `i` (grad mode on)."""
-        for p in self.units[i].params:
-            if p.get().requires_grad:
-                raise TensorStreamError(
-                    f"{self.units[i].name}: streamed weights are read-only, and this forward would train "
-                    f"{p.store_name!r} (requires_grad=True, grad mode on). Run inference under torch.no_grad() or "
-                    "torch.inference_mode(), or freeze the streamed weights, for example "
-                    "`for p in model.parameters(): p.requires_grad_(False)`, and train adapters on top "
-                    "(peft LoRA works)."
-                )
+    def refuse_gradients(self, i: int) -> None:
+        """Make a gradient into a streamed parameter of unit `i` raise at ``backward()``: a
+        hook on each one that requires grad (registered once, kept across binds). A forward
+        in grad mode computes as the model in memory does; only training a streamed weight
+        is refused, since its bytes live in the store and a step would be lost."""
+        for p, t in zip(self.units[i].params, self.objects[i]):
+            if t.requires_grad and getattr(t, "_ts_grad_hook", None) is None:
+                t._ts_grad_hook = t.register_hook(_RefuseGradient(f"{self.units[i].name}.{p.store_name}"))
 
     def check_usable(self, i: int) -> None:
-        """Refuse unit `i` if its parameters were replaced, or if this forward would train them."""
+        """Refuse unit `i` if its parameters were replaced; in grad mode, make a gradient
+        into them raise at backward (:meth:`refuse_gradients`)."""
         self.check_same_objects(i)
         if torch.is_grad_enabled():
-            self.check_frozen(i)
+            self.refuse_gradients(i)
 
     def snapshot_versions(self, i: int) -> None:
         """Remember the parameters' version counters (bumped by in-place writes) and where

@@ -195,9 +195,6 @@ class Runtime:
 
     def _begin_pass(self) -> None:
         self.ensure_configured()
-        if torch.is_grad_enabled():
-            for u in self.units:
-                self.placement.check_frozen(u.index)
         if self._ran_outside and not self.relearned and self.planner.learned_order() is None:
             self._relearn()
         self._ran_outside = False

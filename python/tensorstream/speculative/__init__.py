@@ -15,9 +15,11 @@ One job per module:
 - ``speculation``: ``Speculation``, the counters of assisted calls;
 - ``assisted``: the ``generate()`` wrapper and the candidate generator (imports transformers);
 - ``lookahead``: drafting the next pass while the target verifies (imports transformers);
+- ``transformers_api``: the private transformers API drafting ahead calls, feature-detected;
 - ``selfdraft``: ``draft="int8"``, the draft built from the model.
 
-This package imports transformers only through ``assisted`` and ``lookahead``, which nothing
+This package imports transformers only through ``assisted``, ``lookahead`` and
+``transformers_api``, which nothing
 imports until an offloaded model generates: ``import tensorstream`` and ``offload()`` of a
 plain ``nn.Module`` need only torch.
 """

@@ -12,9 +12,9 @@ import time
 
 import torch
 from torch import nn
-from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 from .lookahead import Lookahead, may_draft_ahead
+from .transformers_api import drafting_api
 
 KNOBS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
 
@@ -51,17 +51,27 @@ def _assisted(rt, generate, args, kwargs, ids, draft):
     passes, pass_s = c.passes, c.pass_seconds
     active0 = _engine_active(rt)
     t0 = time.perf_counter()
-    outer, lookaheads = getattr(_calls, "open", None), []
-    _calls.open = lookaheads
+    outer, call = getattr(_calls, "open", None), _Call(drafting_api())
+    _calls.open = call
     try:
         out = generate(*args, **kwargs)
     finally:
         _calls.open = outer
-        for la in lookaheads:
+        for la in call.lookaheads:
             la.finish(quiet=True)  # nothing drafts once generate() has returned
         timing.remove()
         for name, v in saved.items():
             setattr(gcfg, name, v)
+    lookaheads = call.lookaheads
+    off = call.off or next((la.off for la in lookaheads if la.off), None)
+    api_missing = call.api_missing or next((la.off for la in lookaheads if la.off_api), None)
+    if not lookaheads and off is None:
+        off = api_missing = (
+            "transformers' generate() did not ask the model for its candidate generator (_get_candidate_generator)"
+        )
+    spec.drafting_ahead, spec.drafting_ahead_off = off is None, off
+    if api_missing:
+        rt.fallback(f"speculative decoding drafts in turn, not ahead: {api_missing}")
     seconds = time.perf_counter() - t0
     seqs = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
     if isinstance(ids, torch.Tensor) and isinstance(seqs, torch.Tensor):
@@ -85,19 +95,39 @@ def _engine_active(rt) -> float:
 
 
 _calls = threading.local()
-"""``open``: the lookaheads of the assisted call running on this thread, or None."""
+"""``open``: the :class:`_Call` of the assisted call running on this thread, or None."""
 
 
-def candidate_generator(orig, **kwargs):
+class _Call:
+    """One assisted call: its lookaheads, the private API found, why it does not draft ahead."""
+
+    def __init__(self, api):
+        self.api = api
+        self.lookaheads: list = []
+        self.off = None
+        """Why the call does not draft ahead where no lookahead says so, or None."""
+        self.api_missing = None
+        """Set where transformers' generator cannot be recognised: a fallback in the statistics."""
+
+
+def candidate_generator(orig, *args, **kwargs):
     """``model._get_candidate_generator`` of an offloaded model: transformers' own, counted,
     and drafting ahead where that cannot change the target's tokens
     (:class:`~tensorstream.speculative.lookahead.Lookahead`)."""
-    gen = orig(**kwargs)
-    open_ = getattr(_calls, "open", None)
-    if open_ is None or not isinstance(gen, AssistedCandidateGenerator):
+    gen = orig(*args, **kwargs)
+    call = getattr(_calls, "open", None)
+    if call is None:
         return gen
-    la = Lookahead(gen, ahead=Lookahead.applies(gen, kwargs["generation_config"]))
-    open_.append(la)
+    api = call.api
+    if api.generator is None:  # transformers moved it: nothing to recognise the generator by
+        call.off = call.api_missing = api.missing
+        return gen
+    if not isinstance(gen, api.generator):
+        call.off = f"the candidate generator is {type(gen).__name__}: not counted, not drafted ahead"
+        return gen
+    off, missing = Lookahead.why_not(gen, kwargs.get("generation_config", args[0] if args else None), api)
+    la = Lookahead(gen, api, off, off_api=missing)
+    call.lookaheads.append(la)
     return la
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Optional
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation import logits_process as lp
-from transformers.generation.candidate_generator import AssistedCandidateGenerator
+
+from .transformers_api import DraftingApi, missing_attributes
 
 log = logging.getLogger("tensorstream")
 
@@ -18,20 +19,24 @@ DRAFT_AHEAD = True
 """Whether greedy assisted calls draft the next pass while the target verifies (:class:`Lookahead`);
 off only to measure what it gains (``bench/speculative.py``)."""
 
-STATELESS_PROCESSORS = (
-    lp.MinLengthLogitsProcessor,
-    lp.MinNewTokensLengthLogitsProcessor,
-    lp.RepetitionPenaltyLogitsProcessor,
-    lp.EncoderRepetitionPenaltyLogitsProcessor,
-    lp.NoRepeatNGramLogitsProcessor,
-    lp.EncoderNoRepeatNGramLogitsProcessor,
-    lp.ForcedBOSTokenLogitsProcessor,
-    lp.ForcedEOSTokenLogitsProcessor,
-    lp.InfNanRemoveLogitsProcessor,
-    lp.ExponentialDecayLengthPenalty,
-    lp.LogitNormalization,
-    lp.SuppressTokensAtBeginLogitsProcessor,
-    lp.SuppressTokensLogitsProcessor,
+STATELESS_PROCESSORS = tuple(
+    getattr(lp, name)
+    for name in (
+        "MinLengthLogitsProcessor",
+        "MinNewTokensLengthLogitsProcessor",
+        "RepetitionPenaltyLogitsProcessor",
+        "EncoderRepetitionPenaltyLogitsProcessor",
+        "NoRepeatNGramLogitsProcessor",
+        "EncoderNoRepeatNGramLogitsProcessor",
+        "ForcedBOSTokenLogitsProcessor",
+        "ForcedEOSTokenLogitsProcessor",
+        "InfNanRemoveLogitsProcessor",
+        "ExponentialDecayLengthPenalty",
+        "LogitNormalization",
+        "SuppressTokensAtBeginLogitsProcessor",
+        "SuppressTokensLogitsProcessor",
+    )
+    if hasattr(lp, name)  # one transformers removed is simply not known to be stateless
 )
 """transformers' logits processors that are functions of their inputs alone. The draft ahead
 applies the call's processors in its thread while the target applies them to its own
@@ -59,12 +64,21 @@ class Lookahead:
     - logits processors that keep no state (:data:`STATELESS_PROCESSORS`): the thread
       applies them while the target does;
     - a draft whose cache layers are plain ``DynamicLayer``s, which a miss can crop back to
-      any length (a sliding window or a recurrent state cannot go back).
+      any length (a sliding window or a recurrent state cannot go back);
+    - transformers' private API that drafting ahead calls, as found
+      (:func:`~tensorstream.speculative.transformers_api.drafting_api`).
+
+    Where it does not draft ahead, it calls only the generator's public methods, and `off`
+    says why.
     """
 
-    def __init__(self, gen: AssistedCandidateGenerator, ahead: bool):
+    def __init__(self, gen, api: DraftingApi, off: Optional[str], off_api: bool = False):
         self.gen = gen
-        self.ahead = ahead
+        self.api = api
+        self.off = off
+        """Why this call does not draft ahead, or None: it does."""
+        self.off_api = off_api
+        """Whether `off` is transformers' private API (missing, or changed): a fallback."""
         self.pending = None
         """(thread, result box, length of the sequence it drafts from) of the draft ahead."""
         self.hits = 0
@@ -72,15 +86,33 @@ class Lookahead:
         self.drafted = 0
         """Candidate tokens handed to the target."""
 
+    @property
+    def ahead(self) -> bool:
+        return self.off is None
+
     @staticmethod
-    def applies(gen, generation_config) -> bool:
-        g = getattr(gen, "assistant_generation_config", None)
-        return (
-            type(gen) is AssistedCandidateGenerator
-            and g is not None
-            and may_draft_ahead(generation_config.do_sample, g)
-            and all(type(p) in STATELESS_PROCESSORS for p in gen.logits_processor)
-        )
+    def why_not(gen, generation_config, api: DraftingApi) -> tuple:
+        """(why a call with generator `gen` cannot draft ahead or None, whether that is
+        because transformers lacks what drafting ahead calls)."""
+        if api.missing:
+            return api.missing, True
+        if type(gen) is not api.generator:
+            return (
+                f"the candidate generator is {type(gen).__name__}, not transformers' AssistedCandidateGenerator",
+                False,
+            )
+        missing = missing_attributes(gen)
+        if missing:
+            return f"transformers' AssistedCandidateGenerator has no attribute {', '.join(missing)}", True
+        g = gen.assistant_generation_config
+        if not DRAFT_AHEAD:
+            return "drafting ahead is switched off (tensorstream.speculative.lookahead.DRAFT_AHEAD)", False
+        if generation_config is None or not may_draft_ahead(bool(generation_config.do_sample), g):
+            return "the call samples, or its draft has a schedule or a confidence cut-off", False
+        stateful = [type(p).__name__ for p in gen.logits_processor if type(p) not in STATELESS_PROCESSORS]
+        if stateful:
+            return f"the call has a logits processor that may keep state ({', '.join(stateful)})", False
+        return None, False
 
     def __getattr__(self, name):
         gen = self.__dict__.get("gen")
@@ -120,8 +152,19 @@ class Lookahead:
         if gen.main_model_max_length - ids.shape[-1] - 2 < 1:
             return
         cache = gen.assistant_kwargs.get("cache")
-        if not (isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)):
-            self.ahead = False  # see the class's docstring
+        if cache is None:  # transformers keeps it elsewhere: what would be cropped is not known
+            self.off, self.off_api = (
+                "transformers' AssistedCandidateGenerator keeps no 'cache' in assistant_kwargs",
+                True,
+            )
+            return
+        api, layers = self.api, getattr(cache, "layers", None)
+        if not (
+            isinstance(cache, api.cache)
+            and layers is not None
+            and all(type(x) is api.cache_layer for x in layers)
+        ):
+            self.off = f"the draft's cache ({type(cache).__name__}) cannot be cropped back to any length"
             return
         box: dict = {}
         # On a GPU the draft enqueues its kernels on the caller's stream (a new thread starts on
@@ -147,12 +190,17 @@ class Lookahead:
 
     def _draft_after_own(self, ids):
         """``gen.get_candidates(ids)`` where the draft drafted the last token of `ids` itself,
-        so its cache holds every token before it. transformers' own call crops the cache by one
-        more token and feeds both again (right after the target added a token of its own); a
-        2-token forward costs up to twice a 1-token one on a CPU, so here the draft feeds only
-        the last token."""
+        so its cache holds every token before it. transformers 5.24's own call crops the cache
+        by one more token and feeds both again (right after the target added a token of its
+        own); a 2-token forward costs up to twice a 1-token one on a CPU, so here the draft
+        feeds only the last token: the cache cropped to all but it (``num_added_tokens=0``).
+        Where ``_update_past_and_masks`` takes ``num_extra_tokens_to_remove`` (5.25), the crop
+        is relative to the length ``get_candidates`` last drafted (which only it records), and
+        ``get_candidates`` itself feeds only the last token: it is called as it is."""
         gen = self.gen
         ids = ids.to(gen.assistant_model.device)
+        if self.api.added_tokens_keyword != "num_added_tokens":
+            return gen.get_candidates(ids)
         least, most = gen._calculate_new_tokens(ids)
         if most == 0:
             return ids, None

@@ -35,6 +35,11 @@ class Speculation:
     """Wall time of the assisted calls."""
     disk_idle_seconds: float = 0.0
     """Of that time, how long the engine read nothing (its workers all idle)."""
+    drafting_ahead: Optional[bool] = None
+    """Whether the last assisted call drafted the next pass while the target verified."""
+    drafting_ahead_off: Optional[str] = None
+    """Why the last assisted call did not draft ahead (a sampled call; a transformers
+    without the private API it calls, also in the model's ``fallbacks``), or None."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Held by an assisted call: one at a time drives the draft and sets its knobs."""
 
@@ -76,4 +81,6 @@ class Speculation:
             "verification_pass_seconds": per_pass(self.pass_seconds),
             "seconds_per_pass": per_pass(self.seconds),
             "disk_idle_seconds_per_pass": per_pass(self.disk_idle_seconds),
+            "drafting_ahead": self.drafting_ahead,
+            "drafting_ahead_off": self.drafting_ahead_off,
         }
