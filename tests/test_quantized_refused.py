@@ -74,3 +74,48 @@ def test_quantized_models_are_refused_naming_the_parameter_never_a_crash():
         line = lines.get(name, f"{name}: no result")
         assert " REFUSED model.layers.0.self_attn.q_proj.weight |" in line, line
         assert library in line and "tensor subclass" in line, line
+
+
+CHECKPOINTS = r"""
+import sys, tempfile, warnings
+import torch
+import tensorstream as ts
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+
+warnings.simplefilter("ignore")
+cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+torch.manual_seed(0)
+plain = tempfile.mkdtemp()
+LlamaForCausalLM(cfg).save_pretrained(plain)
+
+def torchao_int8():
+    from torchao.quantization import Int8WeightOnlyConfig
+    return TorchAoConfig(Int8WeightOnlyConfig()), False
+
+for name, (q, safe) in {
+    "bnb_nf4": (BitsAndBytesConfig(load_in_4bit=True), True),
+    "bnb_int8": (BitsAndBytesConfig(load_in_8bit=True), True),
+    "torchao_int8": torchao_int8(),
+}.items():
+    quantized = tempfile.mkdtemp()
+    LlamaForCausalLM.from_pretrained(plain, quantization_config=q, device_map="cpu").save_pretrained(
+        quantized, safe_serialization=safe)
+    try:
+        ts.from_pretrained(quantized, ts.Config(tempfile.mkdtemp(), vram_budget_gb=0.001))
+        print(name, "LOADED")
+    except ts.TensorStreamError as e:
+        print(name, "REFUSED", type(e).__name__, str(e))
+"""
+
+
+def test_quantized_checkpoints_are_refused_by_from_pretrained():
+    """A checkpoint saved quantized (bitsandbytes NF4 and int8, torchao int8) is refused up
+    front naming its quantizer. Before, the int8 one loaded: its packed weights were
+    converted into a store of the unquantized architecture (not the quantized model)."""
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINTS], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " REFUSED " in line or " LOADED" in line}
+    for name, method in (("bnb_nf4", "bitsandbytes"), ("bnb_int8", "bitsandbytes"), ("torchao_int8", "torchao")):
+        line = lines.get(name, f"{name}: no result")
+        assert " REFUSED " in line and "quantized checkpoint" in line and method in line, line

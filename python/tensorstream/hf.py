@@ -37,6 +37,7 @@ def _skeleton(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    _refuse_quantized(path, hf_config)
     if dtype is None:
         dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
         if isinstance(dtype, str):
@@ -54,6 +55,22 @@ def _skeleton(
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # tied parameters are one object, so one unit streams them
     return model.eval()
+
+
+def _refuse_quantized(path: str, hf_config) -> None:
+    """A checkpoint saved quantized (its config names a ``quantization_config``) is refused:
+    its tensors are the quantizer's packed forms, which would be streamed as plain weights of
+    the unquantized architecture (converted, or refused later for their shapes), never the
+    quantized model transformers loads."""
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    method = getattr(method, "value", method)
+    raise InvalidArgumentError(
+        f"{path} is a quantized checkpoint (quant_method={method!r}): TensorStream does not stream quantized "
+        "checkpoints yet. Load it with transformers, or stream the unquantized checkpoint."
+    )
 
 
 def _saved_class(hf_config):
