@@ -115,7 +115,13 @@ def test_quantized_checkpoints_are_refused_by_from_pretrained():
     converted into a store of the unquantized architecture (not the quantized model)."""
     proc = subprocess.run([sys.executable, "-c", CHECKPOINTS], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " REFUSED " in line or " LOADED" in line}
-    for name, method in (("bnb_nf4", "bitsandbytes"), ("bnb_int8", "bitsandbytes"), ("torchao_int8", "torchao")):
+    lines = {
+        line.split()[0]: line for line in proc.stdout.splitlines() if " REFUSED " in line or " LOADED" in line
+    }
+    for name, method in (
+        ("bnb_nf4", "bitsandbytes"),
+        ("bnb_int8", "bitsandbytes"),
+        ("torchao_int8", "torchao"),
+    ):
         line = lines.get(name, f"{name}: no result")
         assert " REFUSED " in line and "quantized checkpoint" in line and method in line, line
