@@ -209,3 +209,19 @@ def fault_injection(monkeypatch):
     from tensorstream import configure
 
     monkeypatch.setattr(configure, "make_engine", ts._core.Engine.with_faults)
+
+
+def isolate_from_other_models() -> None:
+    """Models of earlier tests that are still alive (garbage not yet collected, or kept by a
+    cache such as torch.compile's) stream to the CPU too, and every model on a device yields
+    to one memory signal: tests that assume their models are the device's only ones collect
+    the garbage and drop what the others hold."""
+    import gc
+
+    import torch
+
+    from tensorstream import registry
+
+    gc.collect()
+    for rt in registry.peers(torch.device("cpu")):
+        rt.teardown()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, budget_gb, input_ids, tiny_llama, tiny_mixtral
+from conftest import CPU_BACKENDS, budget_gb, input_ids, isolate_from_other_models, tiny_llama, tiny_mixtral
 
 import tensorstream as ts
 from tensorstream import pressure
@@ -118,6 +118,7 @@ def test_interrupt_at_every_line_of_the_sparse_cache_leaves_the_model_consistent
     """The same sweep over the expert-granular path (tensorstream.sparse) of a Mixtral whose
     budget holds one and a half layers' experts: after each interrupt no read is in flight
     and the share holds, and the next forward gives the reference's logits."""
+    isolate_from_other_models()  # their lines would run in this model's units (pressure)
     ref = tiny_mixtral(seed=3, layers=3)
     cfg = ts.Config(tmp_path / "store", vram_budget_gb=budget_gb(ref, 1.6), backend=backend)
     model = ts.offload(tiny_mixtral(seed=3, layers=3), cfg)

@@ -9,7 +9,6 @@ offloaded models hold counts as used (except a mapping's pages, which are page c
 
 from __future__ import annotations
 
-import gc
 import threading
 
 import pytest
@@ -20,6 +19,7 @@ from conftest import (
     blocks_of,
     budget_gb,
     input_ids,
+    isolate_from_other_models,
     logits_and_tokens,
     offload,
     padded_unit_bytes,
@@ -39,10 +39,7 @@ def probe_every_unit(monkeypatch):
     monkeypatch.setattr(pressure, "PROBE_INTERVAL", 0)
     # Out-of-memory errors are simulated on the CPU here (only CUDA raises them for real).
     monkeypatch.setattr(oom, "RETRY_DEVICES", {"cuda", "cpu"})
-    # Models of earlier tests that are garbage but not yet collected (a model and its runtime
-    # form a cycle) still stream to the CPU, and every model on a device yields to one signal:
-    # collect them so that the models here are the only ones (as offload() does for budgets).
-    gc.collect()
+    isolate_from_other_models()
 
 
 def unit_bytes(model) -> int:

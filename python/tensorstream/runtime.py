@@ -50,6 +50,7 @@ class Runtime:
     _in_pass = False  # the model's forward is running (units accessed now are part of a pass)
     _ran_outside = False  # a unit ran outside the model's forward since the last pass began
     relearned = False  # the planner was started afresh once so that it learns a real pass
+    units_running = 0  # unit calls in progress (a unit may run inside another)
 
     def __init__(self, model: nn.Module, units: list, source, config, device: torch.device):
         self.model = model
@@ -65,7 +66,7 @@ class Runtime:
         self.lock = threading.RLock()
         """The model's lock: passes, units and reads outside them take turns."""
         self._depth = 0
-        self.units_running = 0  # unit calls in progress (a unit may run inside another)
+        self.units_running = 0
         self.pressure = pressure.Yielding()
         self.speculation = Speculation()
         self.reads = Reads(self)
