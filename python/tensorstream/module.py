@@ -14,7 +14,7 @@ behaving as an ``nn.Module`` while its units stream.
 - ``copy.deepcopy`` gives a working copy sharing the source; pickling raises
   ``TensorStreamError`` (see :meth:`Runtime.__reduce_ex__`).
 - ``torch.compile`` (of the model, of ``model.forward``, ``model.compile()``): Dynamo skips the
-  forward wrappers (:func:`_skipped_by_dynamo`), so the streamed model runs eagerly inside a
+  forward wrappers (:func:`tensorstream.dynamo.skip_in_dynamo`), so the streamed model runs eagerly inside a
   compiled caller: a unit's parameters are rebound to its buffer as it runs, under the model's
   lock, which a traced graph cannot follow.
 """
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import configure
+from .dynamo import skip_in_dynamo
 from .errors import InvalidArgumentError, TensorStreamError
 from .memory import file_mappings, trim_heap
 from .runtime import Runtime
@@ -168,26 +169,11 @@ def _check_dtype_unchanged(rt: Runtime, fn) -> None:
                 )
 
 
-_DYNAMO_SKIPS: list = []
-
-
-def _skipped_by_dynamo() -> None:
-    """Have Dynamo (``torch.compile``) skip the forward wrappers and all they call: it
-    graph-breaks there and runs them eagerly (``torch.compiler.disable``, public). Done when the
-    first model is offloaded rather than when this module is imported: importing Dynamo takes
-    seconds, and a transformers model has imported it already."""
-    if _DYNAMO_SKIPS:
-        return
-    for cls in (_PassForward, _UnitForward):
-        cls.__call__ = torch.compiler.disable(cls.__call__)
-        _DYNAMO_SKIPS.append(cls)
-
-
 def install(model: nn.Module, runtime: Runtime) -> None:
     """Set up streaming on `model`. The budget is checked first: a model refused for its
     budget is left untouched."""
     configure.check_budget(runtime)
-    _skipped_by_dynamo()
+    skip_in_dynamo((_PassForward, _UnitForward))
     _detach_resident_from_unit_storage(model, runtime.units)
     runtime.placement.adopt(runtime)
     runtime.placement.unbind_all(runtime.device)
