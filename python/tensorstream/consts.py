@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,9 @@ PAGE = 4096
 """Bytes of a page: buffers and slices are aligned to it."""
 
 GiB = 1 << 30
+
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+"""madvise advice that drops pages from this process (a file mapping refaults them)."""
 
 TORCH_TO_ST = {
     torch.float32: "F32",

@@ -12,10 +12,9 @@ import warnings
 
 import torch
 
+from ..consts import MADV_DONTNEED
 from ..sparse_kinds import page_span
 from .base import Context, Transfer
-
-MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 def _usable_cores() -> int:

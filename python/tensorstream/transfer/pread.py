@@ -13,11 +13,9 @@ import warnings
 
 import torch
 
-from ..consts import PAGE
+from ..consts import MADV_DONTNEED, PAGE
 from ..sparse_kinds import page_span
 from .base import Context, PooledTransfer
-
-MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 class PreadTransfer(PooledTransfer):
